@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what llmtune needs to build and test, idempotently: Debian packages, and a
+# Python virtual environment outside the checkout holding the torch wheel (LibTorch for the
+# C++ build) plus the Python reference packages the tests compare against.
+# A second run only checks. Set Torch_DIR to use your own LibTorch and skip the wheel.
+# Caches live in $LLMTUNE_CACHE (default ~/.cache/llmtune).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$here/versions.env"
+cache="${LLMTUNE_CACHE:-$HOME/.cache/llmtune}"
+venv="$cache/venv"
+mkdir -p "$cache"
+
+debs=(build-essential cmake ninja-build ccache pkg-config libyaml-cpp-dev libcli11-dev
+      libsentencepiece-dev sentencepiece nlohmann-json3-dev catch2 libfmt-dev
+      libcurl4-openssl-dev libicu-dev python3-venv)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  stamp="$cache/apt-updated"
+  if [ ! -f "$stamp" ]; then $SUDO apt-get update -q && touch "$stamp"; fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating Python environment in $venv"
+  python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+want="torch==$TORCH_VERSION $PY_REFERENCE_PACKAGES"
+stamp="$venv/.llmtune-installed"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing Python packages: $want"
+  if [ -n "${Torch_DIR:-}" ]; then
+    # The user's own LibTorch builds the product; torch is still needed by the references.
+    echo "setup: Torch_DIR=$Torch_DIR given, the C++ build will use it"
+  fi
+  "$py" -m pip install -q --disable-pip-version-check $want
+  echo "$want" > "$stamp"
+fi
+echo "setup: ok (venv $venv, torch $("$py" -c 'import torch; print(torch.__version__)'))"
