@@ -96,7 +96,7 @@ struct HubOptions {
 };
 fs::path resolve_model_path(const std::string& model, const HubOptions& options = {});
 
-// Reads a JSON file, naming the file (and line/column) on a parse error.
+// Reads a whole file as bytes; errors (missing, unreadable, a directory) name the file.
 std::string read_text_file(const fs::path& path);
 
 }  // namespace llmtune::io

@@ -119,3 +119,16 @@ class StreamDecoder {
 };
 
 }  // namespace llmtune::tok
+
+// Chat templates are part of this module's public surface.
+#include "tokenizer/chat_template.h"
+
+namespace llmtune::tok {
+// Chooses a chat template the way Axolotl's `chat_template` key does: "" or "tokenizer_default"
+// (the tokenizer's own template; error if it has none), "tokenizer_default_fallback_<name>"
+// (the tokenizer's own, else built-in <name>), "jinja" (uses `jinja_source`), or a built-in name.
+ChatTemplate select_chat_template(const Tokenizer& tokenizer, const std::string& requested,
+                                  const std::string& jinja_source = "");
+// bos_token / eos_token strings (and the other special tokens) for rendering.
+RenderOptions chat_render_options(const Tokenizer& tokenizer, bool add_generation_prompt);
+}  // namespace llmtune::tok

@@ -1,0 +1,35 @@
+// Model + tokenizer loading for CLI commands (see model_loading.h).
+#include "cli/model_loading.h"
+
+#include "core/core.h"
+#include "io/io.h"
+
+namespace llmtune::cli {
+
+torch::ScalarType parse_dtype(const std::string& name, const model::ModelConfig* config) {
+  if (name == "fp32" || name == "float32") return torch::kFloat;
+  if (name == "bf16" || name == "bfloat16") return torch::kBFloat16;
+  if (name == "fp16" || name == "float16") return torch::kHalf;
+  if (name == "auto") return config ? config->torch_dtype() : torch::kFloat;
+  fail("unknown dtype `{}`: use fp32, bf16, fp16 or auto", name);
+}
+
+LoadedModel load_model_and_tokenizer(const std::string& model_name, const std::string& tokenizer_dir,
+                                     const std::string& dtype) {
+  LoadedModel out;
+  out.dir = io::resolve_model_path(model_name);
+  auto config = model::ModelConfig::from_file(out.dir / "config.json");
+  double t0 = now_seconds();
+  out.model = model::load_pretrained(out.dir, parse_dtype(dtype, &config));
+  out.model->eval();
+  log::debug(fmt::format("loaded {} in {:.2f}s", out.dir.string(), now_seconds() - t0));
+  out.tokenizer = tok::Tokenizer::load(tokenizer_dir.empty() ? out.dir : std::filesystem::path(tokenizer_dir));
+  for (const auto& w : out.tokenizer->warnings()) log::warn(w);
+  return out;
+}
+
+void set_threads(int threads) {
+  if (threads > 0) torch::set_num_threads(threads);
+}
+
+}  // namespace llmtune::cli
