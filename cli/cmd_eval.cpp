@@ -6,6 +6,7 @@
 #include <fstream>
 #include <iostream>
 
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
