@@ -22,6 +22,7 @@ struct PerplexityOpts {
   int64_t max_length = 0, stride = 0;
   int threads = 0;
   bool json = false;
+  std::vector<std::string> adapters;
 };
 
 std::vector<std::string> read_documents(const std::string& path, const std::string& field) {
@@ -58,7 +59,7 @@ std::vector<std::string> read_documents(const std::string& path, const std::stri
 
 int run_perplexity(const PerplexityOpts& o) {
   set_threads(o.threads);
-  auto lm = load_model_and_tokenizer(o.model, o.tokenizer, o.dtype);
+  auto lm = load_model_and_tokenizer(o.model, o.tokenizer, o.dtype, o.adapters);
   int64_t max_len = o.max_length > 0 ? o.max_length : std::min<int64_t>(lm.model->config().max_position_embeddings, 2048);
   int64_t stride = o.stride > 0 ? std::min(o.stride, max_len) : max_len;
   auto docs = read_documents(o.data, o.field);
@@ -118,6 +119,7 @@ RunFn setup_eval(CLI::App& app) {
   ppl->add_option("--field", o->field, "JSONL field holding the text")->capture_default_str();
   ppl->add_option("--max-length", o->max_length, "Window length (default: min(context, 2048))");
   ppl->add_option("--stride", o->stride, "Window step (default: --max-length, i.e. no overlap)");
+  ppl->add_option("--adapter", o->adapters, "PEFT LoRA adapter directory applied unmerged (repeatable, in order)");
   ppl->add_option("--dtype", o->dtype, "fp32 | bf16 | fp16 | auto")->capture_default_str();
   ppl->add_option("--threads", o->threads, "CPU threads (default: all cores)");
   ppl->add_flag("--json", o->json, "Print the result as one JSON line");

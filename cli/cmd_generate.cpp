@@ -16,7 +16,7 @@ struct GenerateOpts {
   int64_t max_new_tokens = 128, top_k = 50;
   double temperature = 1.0, top_p = 1.0, repetition_penalty = 1.0;
   uint64_t seed = 0;
-  std::vector<std::string> stops;
+  std::vector<std::string> stops, adapters;
   int threads = 0;
 };
 
@@ -59,7 +59,7 @@ std::pair<std::string, std::vector<int64_t>> reply(LoadedModel& lm, const std::v
 int run_generate(const GenerateOpts& o) {
   set_threads(o.threads);
   if (o.greedy && o.sample) fail("--greedy and --sample contradict each other; choose one");
-  auto lm = load_model_and_tokenizer(o.model, o.tokenizer, o.dtype);
+  auto lm = load_model_and_tokenizer(o.model, o.tokenizer, o.dtype, o.adapters);
   auto gen = model::GenerationConfig::from_model_dir(lm.dir, lm.model->config());
   gen.max_new_tokens = o.max_new_tokens;
   if (o.greedy) gen.do_sample = false;
@@ -133,6 +133,7 @@ RunFn setup_generate(CLI::App& app) {
   app.add_option("--repetition-penalty", o->repetition_penalty, "HF repetition penalty")->capture_default_str();
   app.add_option("--seed", o->seed, "Sampling seed")->capture_default_str();
   app.add_option("--stop", o->stops, "Stop when this string appears (repeatable)");
+  app.add_option("--adapter", o->adapters, "PEFT LoRA adapter directory applied unmerged (repeatable, in order)");
   app.add_option("--dtype", o->dtype, "fp32 | bf16 | fp16 | auto")->capture_default_str();
   app.add_option("--threads", o->threads, "CPU threads (default: all cores)");
   app.add_flag("--json", o->json, "Print one JSON line {prompt_tokens, tokens, text} instead of streaming");

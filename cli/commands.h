@@ -24,5 +24,7 @@ RunFn setup_generate(CLI::App& app);
 RunFn setup_eval(CLI::App& app);
 RunFn setup_inspect(CLI::App& app);
 RunFn setup_tokenize(CLI::App& app);
+RunFn setup_sft(CLI::App& app);
+RunFn setup_merge(CLI::App& app);
 
 }  // namespace llmtune::cli

@@ -17,6 +17,8 @@ const std::vector<Command>& commands() {
       {"eval", "Evaluate a model: perplexity over a text or JSONL file", setup_eval},
       {"inspect", "Print a resolved recipe (every default filled in) or the recipe key table", setup_inspect},
       {"tokenize", "Encode text with a model's tokenizer and print the ids", setup_tokenize},
+      {"sft", "Supervised fine-tuning (LoRA or full) from a recipe", setup_sft},
+      {"merge", "Fold LoRA adapters into the base weights and save a plain checkpoint", setup_merge},
   };
   return table;
 }

@@ -330,3 +330,6 @@ std::optional<fs::path> resolve_resume(const fs::path& output_dir, const std::st
 void write_loss_plot(const fs::path& metrics_jsonl, const fs::path& svg_out);
 
 }  // namespace llmtune::train
+
+// Stage entry points (run_sft, ...).
+#include "train/stages.h"
