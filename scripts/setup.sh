@@ -31,14 +31,16 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
+# With your own LibTorch (Torch_DIR) the torch wheel is only needed for the Python references
+# the tests compare against: scripts/test.sh asks for them with LLMTUNE_WITH_REFERENCES=1.
+if [ -n "${Torch_DIR:-}" ] && [ "${LLMTUNE_WITH_REFERENCES:-0}" != "1" ]; then
+  echo "setup: ok (Torch_DIR=$Torch_DIR; torch wheel and Python references skipped)"
+  exit 0
+fi
 want="torch==$TORCH_VERSION $PY_REFERENCE_PACKAGES"
 stamp="$venv/.llmtune-installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages: $want"
-  if [ -n "${Torch_DIR:-}" ]; then
-    # The user's own LibTorch builds the product; torch is still needed by the references.
-    echo "setup: Torch_DIR=$Torch_DIR given, the C++ build will use it"
-  fi
   "$py" -m pip install -q --disable-pip-version-check $want
   echo "$want" > "$stamp"
 fi

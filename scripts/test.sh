@@ -3,7 +3,7 @@
 # the Python references) and runs every test with ctest.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-bash "$here/setup.sh"
+LLMTUNE_WITH_REFERENCES=1 bash "$here/setup.sh"
 bash "$here/build.sh"
 source "$here/env.sh"
 bash "$here/fixtures/make_all.sh"
