@@ -10,21 +10,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "parity"))
 from common import FIXTURES, demo_model, run  # noqa: E402,F401
 
-# Words the demo tokenizer was trained on (scripts/make_demo_model.py corpus).
-WORDS = ["word", "token", "model", "piece", "text", "quick", "brown", "fox", "jumps", "lazy", "dog", "capital",
-         "France", "Paris", "little", "data", "task", "Numbers", "digits", "groups", "beginning", "predicts",
-         "next", "splits", "adapts", "pretrained"]
-
-
-def last_word_task(n, seed):
-    """n chat examples: 'Last word: a b c' -> 'c' (answer is a copy at a fixed offset)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        ws = [rng.choice(WORDS) for _ in range(3)]
-        out.append({"messages": [{"role": "user", "content": "Last word: " + " ".join(ws)},
-                                 {"role": "assistant", "content": ws[-1]}]})
-    return out
+# The synthetic "last word" task is the quickstart's (scripts/make_demo_data.py): one copy.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+from make_demo_data import WORDS, task as last_word_task  # noqa: E402,F401
 
 
 def write_jsonl(path, rows):
