@@ -126,4 +126,6 @@ RunFn setup_eval(CLI::App& app) {
   return [o]() { return run_perplexity(*o); };
 }
 
+static const CommandRegistration register_eval{{110, "eval", "Evaluate a model: perplexity over a text or JSONL file", setup_eval}};
+
 }  // namespace llmtune::cli

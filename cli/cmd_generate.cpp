@@ -140,4 +140,6 @@ RunFn setup_generate(CLI::App& app) {
   return [o]() { return run_generate(*o); };
 }
 
+static const CommandRegistration register_generate{{100, "generate", "Generate text from a model (greedy or sampled, chat or plain)", setup_generate}};
+
 }  // namespace llmtune::cli

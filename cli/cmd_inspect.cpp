@@ -30,4 +30,6 @@ RunFn setup_inspect(CLI::App& app) {
   };
 }
 
+static const CommandRegistration register_inspect{{120, "inspect", "Print a resolved recipe (every default filled in) or the recipe key table", setup_inspect}};
+
 }  // namespace llmtune::cli

@@ -73,4 +73,6 @@ RunFn setup_merge(CLI::App& app) {
   return [o]() { return run_merge(*o); };
 }
 
+static const CommandRegistration register_merge{{60, "merge", "Fold LoRA adapters into the base weights and save a plain checkpoint", setup_merge}};
+
 }  // namespace llmtune::cli

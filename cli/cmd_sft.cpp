@@ -31,4 +31,6 @@ RunFn setup_sft(CLI::App& app) {
   };
 }
 
+static const CommandRegistration register_sft{{20, "sft", "Supervised fine-tuning (LoRA or full) from a recipe", setup_sft}};
+
 }  // namespace llmtune::cli

@@ -61,4 +61,6 @@ RunFn setup_tokenize(CLI::App& app) {
   };
 }
 
+static const CommandRegistration register_tokenize{{130, "tokenize", "Encode text with a model's tokenizer and print the ids", setup_tokenize}};
+
 }  // namespace llmtune::cli

@@ -1,5 +1,6 @@
 // llmtune entry point: parses the subcommand, runs it, and turns user errors into one
 // clear line on stderr (exit 1) instead of a stack dump.
+#include <algorithm>
 #include <cstdio>
 #include <exception>
 
@@ -11,16 +12,21 @@
 #endif
 
 namespace llmtune::cli {
-const std::vector<Command>& commands() {
-  static const std::vector<Command> table = {
-      {"generate", "Generate text from a model (greedy or sampled, chat or plain)", setup_generate},
-      {"eval", "Evaluate a model: perplexity over a text or JSONL file", setup_eval},
-      {"inspect", "Print a resolved recipe (every default filled in) or the recipe key table", setup_inspect},
-      {"tokenize", "Encode text with a model's tokenizer and print the ids", setup_tokenize},
-      {"sft", "Supervised fine-tuning (LoRA or full) from a recipe", setup_sft},
-      {"merge", "Fold LoRA adapters into the base weights and save a plain checkpoint", setup_merge},
-  };
+namespace {
+// Function-local so registrations from other translation units may run before main's statics.
+std::vector<Command>& registry() {
+  static std::vector<Command> table;
   return table;
+}
+}  // namespace
+
+CommandRegistration::CommandRegistration(Command command) { registry().push_back(std::move(command)); }
+
+std::vector<Command> commands() {
+  std::vector<Command> sorted = registry();
+  std::stable_sort(sorted.begin(), sorted.end(),
+                   [](const Command& a, const Command& b) { return a.order < b.order; });
+  return sorted;
 }
 }  // namespace llmtune::cli
 
