@@ -1,0 +1,193 @@
+// llmtune::quant — bitsandbytes-compatible 4-bit (NF4/FP4, block 64, optional double quantization)
+// and 8-bit (per-row absmax int8) frozen base weights: quantize/dequantize byte-identical to
+// bitsandbytes' reference path (formats.md §6), CPU kernels (scalar reference + AVX2/AVX-512 chosen
+// at run time, CUDA when built with lib/cuda), the 4-bit/8-bit linear layers QLoRA trains through,
+// loading HF checkpoints (bf16/fp16/fp32 quantized at load time, or already saved 4-bit by bnb),
+// and the block-wise 8-bit "dynamic" quantizer 8-bit AdamW keeps its states in.
+// Caveat: bitsandbytes' *native CPU library* quantizes the double-quant scales through a 65536-bin
+// lookup table (an approximation); llmtune follows the exact nearest-code rule of its reference
+// (default/CUDA) path, which the tests compare against byte for byte.
+#pragma once
+#include <torch/torch.h>
+
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "model/model.h"
+
+namespace llmtune::quant {
+
+namespace fs = std::filesystem;
+
+// ---------------------------------------------------------------------------------------------
+// Code books
+
+enum class QuantType { nf4, fp4 };
+std::string to_string(QuantType t);
+QuantType quant_type_from_string(const std::string& s, const std::string& where);  // Error names `where`
+const std::array<float, 16>& code_table(QuantType t);  // index -> value (formats.md §6.1)
+// bitsandbytes create_dynamic_map(signed=True): 256 sorted fp32 values (double quant, 8-bit Adam).
+const std::array<float, 256>& dynamic_map_signed();
+// create_dynamic_map(signed=False) (8-bit Adam's second moment, which is never negative).
+const std::array<float, 256>& dynamic_map_unsigned();
+
+// ---------------------------------------------------------------------------------------------
+// 8-bit block-wise quantization (bitsandbytes quantize_blockwise, reference rule): absmax per
+// block of x (fp32), x/absmax mapped to the nearest entry of `code` (sorted). x any float dtype.
+struct Blockwise8 {
+  torch::Tensor codes;   // uint8, x's shape
+  torch::Tensor absmax;  // fp32 [ceil(n / blocksize)]
+};
+Blockwise8 quantize_blockwise(const torch::Tensor& x, const std::array<float, 256>& code, int64_t blocksize);
+torch::Tensor dequantize_blockwise(const Blockwise8& q, const std::array<float, 256>& code, int64_t blocksize);
+
+// ---------------------------------------------------------------------------------------------
+// 4-bit state (bitsandbytes QuantState). Tensors live on one device (CPU or CUDA).
+struct State4bit {
+  QuantType type = QuantType::nf4;
+  int64_t blocksize = 64;
+  std::vector<int64_t> shape;                  // original [out, in]
+  torch::ScalarType dtype = torch::kBFloat16;  // original dtype (written to the quant_state JSON)
+  torch::Tensor packed;                        // uint8 [ceil(n/2)]
+  torch::Tensor absmax;                        // fp32 [n_blocks], or uint8 codes when nested
+  bool nested = false;                         // double quantization
+  int64_t nested_blocksize = 256;
+  torch::Tensor nested_absmax;                 // fp32 [ceil(n_blocks/256)]
+  torch::Tensor nested_code;                   // fp32 [256]
+  float nested_offset = 0.0f;
+
+  int64_t numel() const;
+  int64_t n_blocks() const { return (numel() + blocksize - 1) / blocksize; }
+  torch::Tensor absmax_fp32() const;  // the recovered per-block scales [n_blocks] fp32
+  int64_t bytes() const;              // storage held (packed + scales)
+  State4bit to(torch::Device d) const;
+};
+
+// Quantizes w (fp32/bf16/fp16, any shape; flattened row-major) like bitsandbytes quantize_4bit
+// (+ compress_statistics). blocksize one of 32..4096 (powers of two). The result lives on w's device.
+State4bit quantize_4bit(const torch::Tensor& w, QuantType type, bool double_quant, int64_t blocksize = 64);
+// Full dequantization to `dtype` (fp32 math, one rounding to dtype), shape = state.shape.
+torch::Tensor dequantize_4bit(const State4bit& s, torch::ScalarType dtype);
+
+// bitsandbytes' serialized form (formats.md §6.4): `prefix.weight`, `.weight.absmax`,
+// `.weight.quant_map`, nested tensors and `.weight.quant_state.bitsandbytes__nf4` (JSON bytes).
+std::vector<std::pair<std::string, torch::Tensor>> state_to_tensors(const State4bit& s, const std::string& weight_name);
+// `get(name)` returns a stored tensor or undefined. Errors name `source` and the tensor.
+State4bit state_from_tensors(const std::string& weight_name, const std::function<torch::Tensor(const std::string&)>& get,
+                             const std::string& source);
+
+// ---------------------------------------------------------------------------------------------
+// Kernels. Isa::scalar is the reference every fast path is tested against.
+enum class Isa { scalar, avx2, avx512 };
+std::string to_string(Isa isa);
+Isa detected_isa();                      // best the CPU supports (cpuid)
+Isa active_isa();                        // detected, or the override (LLMTUNE_QUANT_ISA=scalar|avx2|avx512)
+void set_isa_override(std::optional<Isa> isa);  // tests; refuses an ISA the CPU lacks
+bool cuda_kernels_built();               // lib/cuda compiled in
+
+// Dequantizes rows [row0, row0+rows) of a 2-D state into out ([rows, in], fp32 or bf16, CPU,
+// contiguous). `absmax` = s.absmax_fp32() (recovered once per call site).
+void dequantize_rows(const State4bit& s, const torch::Tensor& absmax, int64_t row0, int64_t rows, torch::Tensor& out,
+                     Isa isa);
+// y[N, out] = x[N, in] · Wᵀ with W never fully materialised: fused dequantize-and-dot per row for
+// small N (GEMV path), tiles of rows dequantized into `compute` dtype then one GEMM for large N.
+torch::Tensor matmul_4bit(const torch::Tensor& x, const State4bit& s, const torch::Tensor& absmax,
+                          torch::ScalarType compute, std::optional<Isa> isa = std::nullopt);
+// dx[N, in] = g[N, out] · W (the backward with respect to the input), tile by tile.
+torch::Tensor matmul_4bit_t(const torch::Tensor& g, const State4bit& s, const torch::Tensor& absmax,
+                            torch::ScalarType compute, std::optional<Isa> isa = std::nullopt);
+// Row budget of one dequantized tile (elements); exposed so tests can force several tiles.
+void set_tile_elements(int64_t n);
+
+// ---------------------------------------------------------------------------------------------
+// Layers
+
+// Frozen 4-bit weight (buffers `weight` packed, `weight_absmax`..., no weight parameter) and an
+// optional frozen `bias` parameter. forward(x) computes in `compute_dtype` and returns x's dtype;
+// it is differentiable with respect to x (and bias).
+class Linear4bitImpl : public model::LinearBaseImpl {
+ public:
+  Linear4bitImpl(State4bit state, torch::Tensor bias, torch::ScalarType compute_dtype);
+  torch::Tensor forward(const torch::Tensor& x) override;
+  int64_t in_features() const override { return state.shape[1]; }
+  int64_t out_features() const override { return state.shape[0]; }
+  torch::Tensor dequantized(torch::ScalarType dtype) const;  // [out, in]
+  std::shared_ptr<model::DenseLinearImpl> to_dense(torch::ScalarType dtype) const;
+  void pretty_print(std::ostream& os) const override;
+  State4bit state;
+  torch::Tensor absmax;  // recovered fp32 scales (cached; 1/16 of the 4-bit payload)
+  torch::Tensor bias;
+  torch::ScalarType compute_dtype;
+};
+TORCH_MODULE(Linear4bit);
+
+// LLM.int8-style storage without outlier decomposition: int8 weight with per-row absmax
+// (w ≈ q · absmax / 127); dequantized per tile to the compute dtype. For LoRA on 8-bit bases.
+class Linear8bitImpl : public model::LinearBaseImpl {
+ public:
+  Linear8bitImpl(const torch::Tensor& weight, torch::Tensor bias, torch::ScalarType compute_dtype);
+  torch::Tensor forward(const torch::Tensor& x) override;
+  int64_t in_features() const override { return qweight.size(1); }
+  int64_t out_features() const override { return qweight.size(0); }
+  torch::Tensor dequantized(torch::ScalarType dtype) const;
+  std::shared_ptr<model::DenseLinearImpl> to_dense(torch::ScalarType dtype) const;
+  torch::Tensor qweight;  // int8 [out, in]
+  torch::Tensor scale;    // fp32 [out]: absmax / 127
+  torch::Tensor bias;
+  torch::ScalarType compute_dtype;
+};
+TORCH_MODULE(Linear8bit);
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+struct QuantOptions {
+  enum class Bits { none, four, eight } bits = Bits::four;
+  QuantType type = QuantType::nf4;
+  bool double_quant = true;
+  int64_t blocksize = 64;
+  torch::ScalarType compute_dtype = torch::kBFloat16;
+  // HF-name suffixes left unquantized (lm_head always is, as in transformers).
+  std::vector<std::string> skip_modules;
+  nlohmann::json to_json() const;  // {"load_in_4bit":..., "bnb_4bit_quant_type":...} (transformers' keys)
+  static QuantOptions from_json(const nlohmann::json& j, const std::string& source);
+};
+
+// Loads DIR like model::load_pretrained, but the seven per-layer linears become Linear4bit /
+// Linear8bit: bf16/fp16/fp32 weights are quantized one tensor at a time (the model never exists
+// in 16 bits), a checkpoint saved 4-bit by bitsandbytes (config.json quantization_config, U8
+// weights) is read as stored. Other tensors load in `dtype`. Strict like load_pretrained.
+model::Transformer load_quantized(const fs::path& dir, const QuantOptions& options, torch::ScalarType dtype,
+                                  torch::Device device = torch::kCPU);
+// config.json's quantization_config when it says bitsandbytes 4-bit (else nullopt).
+std::optional<QuantOptions> checkpoint_quantization(const fs::path& dir);
+// Writes a 4-bit model in bitsandbytes' HF layout (config.json with quantization_config).
+void save_quantized(model::TransformerImpl& model, const fs::path& dir, const QuantOptions& options);
+
+// Names of quantized linears and the bytes their weights hold (for logs and the benchmark).
+std::vector<std::string> quantized_linears(const model::TransformerImpl& model);
+int64_t quantized_weight_bytes(const model::TransformerImpl& model);
+// 64-bit FNV-1a over every quantized layer's packed bytes and scales (identifies the exact base).
+uint64_t quantized_fingerprint(const model::TransformerImpl& model);
+// A dense copy of a quantized linear (Linear4bit/Linear8bit) in `dtype` (default: its compute
+// dtype); null if `m` is not quantized.
+model::LinearPtr dequantize_linear(const model::LinearPtr& m, std::optional<torch::ScalarType> dtype = std::nullopt);
+
+// Which base an adapter was trained against: written beside the adapter as llmtune_qlora.json so
+// `llmtune merge` can rebuild the same 4-bit base, merge into its dequantized weights, and warn
+// when the base it is given is a different one.
+struct BaseRecord {
+  std::string base_model;  // as given in the recipe
+  QuantOptions options;
+  uint64_t fingerprint = 0;  // quantized_fingerprint of the base at training time
+  int64_t n_quantized = 0;
+};
+void write_base_record(const fs::path& adapter_dir, const BaseRecord& r);
+std::optional<BaseRecord> read_base_record(const fs::path& adapter_dir);
+
+}  // namespace llmtune::quant
