@@ -41,7 +41,11 @@ want="torch==$TORCH_VERSION $PY_REFERENCE_PACKAGES"
 stamp="$venv/.llmtune-installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages: $want"
-  "$py" -m pip install -q --disable-pip-version-check $want
+  # llama-cpp-python (the GGUF test reference) is a source build of llama.cpp: CPU-only, portable,
+  # without the server/examples, so it takes minutes rather than an hour.
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "$py" -m pip install -q --disable-pip-version-check $want
   echo "$want" > "$stamp"
 fi
 echo "setup: ok (venv $venv, torch $("$py" -c 'import torch; print(torch.__version__)'))"
