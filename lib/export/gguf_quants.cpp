@@ -285,29 +285,30 @@ void quant_q2_k(const float* x, uint8_t* b) {
   put_f16(b + 82, dmin);
 }
 
-void quant_q4_k(const float* x, uint8_t* b) {
-  uint8_t L[QK_K], isc[8], imn[8];
+// q4_K and q5_K share their first 16 bytes: f16 d, f16 dmin, then eight 6-bit scale/min pairs
+// (32-element sub-blocks, mins up to 63). Fills L with the element levels 0..max_level.
+void kquant_super_header(const float* x, int max_level, uint8_t* L, uint8_t* b) {
+  uint8_t isc[8], imn[8];
   float d, dmin;
-  kquant_asymmetric(x, 32, 15, 63, L, isc, imn, d, dmin);
+  kquant_asymmetric(x, 32, max_level, 63, L, isc, imn, d, dmin);
   put_f16(b, d);
   put_f16(b + 2, dmin);
   uint8_t* sc = b + 4;
   std::memset(sc, 0, 12);
   for (int j = 0; j < 8; ++j) put_scale_min_k4(sc, j, isc[j], imn[j]);
+}
+
+void quant_q4_k(const float* x, uint8_t* b) {
+  uint8_t L[QK_K];
+  kquant_super_header(x, 15, L, b);
   uint8_t* qs = b + 16;
   for (int c = 0; c < 4; ++c)
     for (int l = 0; l < 32; ++l) qs[32 * c + l] = uint8_t(L[64 * c + l] | (L[64 * c + 32 + l] << 4));
 }
 
 void quant_q5_k(const float* x, uint8_t* b) {
-  uint8_t L[QK_K], isc[8], imn[8];
-  float d, dmin;
-  kquant_asymmetric(x, 32, 31, 63, L, isc, imn, d, dmin);
-  put_f16(b, d);
-  put_f16(b + 2, dmin);
-  uint8_t* sc = b + 4;
-  std::memset(sc, 0, 12);
-  for (int j = 0; j < 8; ++j) put_scale_min_k4(sc, j, isc[j], imn[j]);
+  uint8_t L[QK_K];
+  kquant_super_header(x, 31, L, b);
   uint8_t* qh = b + 16;  // [32]: bit 2c / 2c+1 of byte l = high bit of element 64c + l / 64c + 32 + l
   uint8_t* qs = b + 48;  // [128]
   std::memset(qh, 0, 32);

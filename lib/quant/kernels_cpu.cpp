@@ -27,6 +27,15 @@ void dequant_scalar(const View4& v, int64_t i0, int64_t i1, float* f32, uint16_t
   }
 }
 
+// The unaligned edges of a row [a, b) for the vector GEMVs: tail[n] += w_k * x[n][k - base] for
+// rows n < nn of x. Shared by the AVX-512 and AVX2 paths (inlined into each).
+inline void gemv_edge(const View4& v, const float* x, int64_t nn, int64_t base, int64_t a, int64_t b, float* tail) {
+  for (int64_t k = a; k < b; ++k) {
+    const float w = elem::dequant(v.code, v.packed, k, v.absmax[k / v.blocksize]);
+    for (int64_t n = 0; n < nn; ++n) tail[n] += w * x[n * v.cols + (k - base)];
+  }
+}
+
 void gemv_scalar(const View4& v, const float* x, int64_t N, float* y, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t n = 0; n < N; ++n) {
@@ -110,13 +119,7 @@ LLMTUNE_AVX512 void gemv_avx512(const View4& v, const float* x, int64_t N, float
       float tail[kMaxN];
       for (int64_t n = 0; n < nn; ++n) acc[n] = _mm512_setzero_ps(), tail[n] = 0;
       int64_t i = chunk_start(base, end);
-      auto scalar_part = [&](int64_t a, int64_t b) {
-        for (int64_t k = a; k < b; ++k) {
-          const float w = elem::dequant(v.code, v.packed, k, v.absmax[k / v.blocksize]);
-          for (int64_t n = 0; n < nn; ++n) tail[n] += w * x[(n0 + n) * v.cols + (k - base)];
-        }
-      };
-      scalar_part(base, i);
+      gemv_edge(v, x + n0 * v.cols, nn, base, base, i, tail);
       for (; i + 32 <= end; i += 32) {
         __m512 w0, w1;
         decode32_512(v, i, table, w0, w1);
@@ -126,7 +129,7 @@ LLMTUNE_AVX512 void gemv_avx512(const View4& v, const float* x, int64_t N, float
           acc[n] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[n]);
         }
       }
-      scalar_part(i, end);
+      gemv_edge(v, x + n0 * v.cols, nn, base, i, end, tail);
       for (int64_t n = 0; n < nn; ++n) y[(n0 + n) * v.rows + r] = _mm512_reduce_add_ps(acc[n]) + tail[n];
     }
   }
@@ -199,13 +202,7 @@ LLMTUNE_AVX2 void gemv_avx2(const View4& v, const float* x, int64_t N, float* y,
       float tail[kMaxN];
       for (int64_t n = 0; n < nn; ++n) acc[n] = _mm256_setzero_ps(), tail[n] = 0;
       int64_t i = chunk_start(base, end);
-      auto scalar_part = [&](int64_t a, int64_t b) {
-        for (int64_t k = a; k < b; ++k) {
-          const float w = elem::dequant(v.code, v.packed, k, v.absmax[k / v.blocksize]);
-          for (int64_t n = 0; n < nn; ++n) tail[n] += w * x[(n0 + n) * v.cols + (k - base)];
-        }
-      };
-      scalar_part(base, i);
+      gemv_edge(v, x + n0 * v.cols, nn, base, base, i, tail);
       for (; i + 32 <= end; i += 32) {
         __m256 w[4];
         decode32_256(v, i, tlo, thi, w);
@@ -214,7 +211,7 @@ LLMTUNE_AVX2 void gemv_avx2(const View4& v, const float* x, int64_t N, float* y,
           for (int k = 0; k < 4; ++k) acc[n] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xr + 8 * k), acc[n]);
         }
       }
-      scalar_part(i, end);
+      gemv_edge(v, x + n0 * v.cols, nn, base, i, end, tail);
       for (int64_t n = 0; n < nn; ++n) {
         const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[n]), _mm256_extractf128_ps(acc[n], 1));
         const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
