@@ -50,6 +50,11 @@ struct DatasetConfig {
   bool drop_system_message = false;
   std::optional<std::string> field_chosen;    // preference data (chat_template.default)
   std::optional<std::string> field_rejected;
+  std::optional<std::string> field_prompt;      // preference/RL data: prompt (string or messages), default "prompt"
+  std::optional<std::string> field_margin;      // reward data: Bradley-Terry margin column, default "margin" if present
+  std::optional<std::string> field_completion;  // KTO unpaired data: completion, default "completion"
+  std::optional<std::string> field_label;       // KTO unpaired data: desirable (bool), default "label"
+  std::vector<std::string> filters;             // (llmtune) keep records matching every `field op value`
   // instruction formats (alpaca & user_defined)
   std::optional<std::string> field_system;
   std::optional<std::string> field_instruction;
@@ -119,6 +124,8 @@ struct Recipe {
   std::optional<bool> is_falcon_derived_model;     // no-op
   bool resize_token_embeddings_to_32x = false;
   bool mean_resizing_embeddings = false;
+  bool random_init_weights = false;                // pretrain: fresh random weights of base_model's config.json shape
+  std::optional<nlohmann::json> model_config;      // (llmtune) config.json keys for a fresh model (over base_model_config)
   // --- tokens and templates ---
   StrMap special_tokens;
   std::vector<std::string> tokens;
@@ -130,6 +137,8 @@ struct Recipe {
   std::vector<DatasetConfig> datasets;
   std::vector<DatasetConfig> test_datasets;
   std::vector<DatasetConfig> pretraining_dataset;
+  bool pretraining_document_mask = false;          // (llmtune) pretrain: no attention across documents in a window
+  std::optional<nlohmann::json> filters;           // (llmtune) pretrain: document filters {min_chars, dedup, near_dedup, language, perplexity...}
   std::optional<std::string> dataset_prepared_path;
   bool shuffle_merged_datasets = true;
   std::optional<int64_t> dataset_shard_num;
@@ -159,7 +168,7 @@ struct Recipe {
   std::optional<bool> remove_unused_columns;       // no-op
   std::optional<bool> skip_prepare_dataset;        // no-op
   // --- adapter ---
-  std::optional<std::string> adapter;              // lora|qlora|ia3|bitfit|prompt_tuning|prefix_tuning
+  std::optional<std::string> adapter;              // lora|qlora|ia3|bitfit|prompt_tuning|prefix_tuning|bottleneck
   std::optional<std::string> lora_model_dir;
   int64_t lora_r = 8;
   int64_t lora_alpha = 8;
@@ -174,6 +183,11 @@ struct Recipe {
   std::optional<double> loraplus_lr_embedding;
   int64_t num_virtual_tokens = 20;                 // (llmtune) prompt/prefix tuning
   std::vector<std::string> ia3_feedforward_modules;  // (llmtune)
+  std::string prompt_tuning_init_text;              // (llmtune) prompt tuning: init from this text's embeddings
+  bool prefix_projection = false;                  // (llmtune) prefix tuning: PEFT's reparameterisation MLP
+  int64_t prefix_encoder_hidden_size = 0;          // (llmtune) prefix MLP width; 0 = PEFT's default (token_dim)
+  int64_t bottleneck_size = 64;                    // (llmtune) bottleneck adapters: inner width
+  std::string bottleneck_activation = "relu";      // (llmtune) relu | gelu | silu | tanh | identity (identity = mergeable)
   std::vector<std::string> unfrozen_parameters;
   std::optional<bool> lora_on_cpu;                 // no-op
   std::optional<bool> lora_mlp_kernel;             // no-op
@@ -181,7 +195,7 @@ struct Recipe {
   std::optional<bool> lora_o_kernel;               // no-op
   // --- quantization ---
   bool load_in_4bit = false;
-  bool load_in_8bit = false;                       // refused when true
+  bool load_in_8bit = false;                       // int8 per-row absmax frozen base (LoRA)
   std::string bnb_4bit_quant_type = "nf4";
   std::string bnb_4bit_compute_dtype = "bfloat16";
   bool bnb_4bit_use_double_quant = true;
@@ -217,6 +231,7 @@ struct Recipe {
   bool gradient_checkpointing = false;
   std::optional<nlohmann::json> gradient_checkpointing_kwargs;  // no-op
   std::optional<bool> torch_compile;               // no-op
+  int64_t loss_chunk_tokens = 1024;                // llmtune: rows of logits alive at once in the loss
   // --- attention and kernels (all no-ops: llmtune picks its own kernels) ---
   std::optional<bool> flash_attention;
   std::optional<bool> sdp_attention;

@@ -105,9 +105,13 @@ void resolve_and_check(Recipe& r, ParseContext& ctx) {
   // --- contradictions ---
   if (r.warmup_steps && r.warmup_ratio) both("warmup_steps", "warmup_ratio", "set only one way of giving the warmup length");
   if (r.bf16 == Tristate::on && r.fp16) both("bf16", "fp16", "choose one mixed-precision dtype");
+  if (r.sample_packing && (r.adapter == "prompt_tuning" || r.adapter == "prefix_tuning"))
+    both("sample_packing", "adapter", "virtual tokens are prepended to one sequence per row; packed rows hold several");
   if (r.load_in_4bit && r.load_in_8bit) both("load_in_4bit", "load_in_8bit", "choose one quantization of the base weights");
   if (r.adapter == "qlora" && !r.load_in_4bit)
     both("adapter", "load_in_4bit", "`adapter: qlora` trains LoRA on a 4-bit base, so it needs `load_in_4bit: true` (as in Axolotl)");
+  if (r.load_in_8bit && r.adapter != "lora")
+    both("load_in_8bit", "adapter", "8-bit weights are frozen; train LoRA on them with `adapter: lora`");
   if (r.load_in_4bit && r.adapter != "qlora")
     both("load_in_4bit", "adapter",
          "4-bit weights cannot be trained directly; use `adapter: qlora` (LoRA on the frozen 4-bit base)");

@@ -183,15 +183,15 @@ TEST_CASE("no-op keys are accepted with a one-line notice through llmtune::log::
   // A value mapped onto an implemented one says so.
   notes.clear();
   Recipe o = parse("optimizer: adamw_bnb_8bit\n", {}, &notes);
-  CHECK(o.optimizer == "adamw_torch");
+  CHECK(o.optimizer == "adamw_8bit");
   REQUIRE(notes.size() == 1);
-  CHECK(notes[0].find("`optimizer: adamw_bnb_8bit` runs as `adamw_torch`: 8-bit optimizer states are not implemented") == 0);
+  CHECK(notes[0].find("`optimizer: adamw_bnb_8bit` runs as `adamw_8bit`: the same block-wise 8-bit AdamW") == 0);
 }
 
 TEST_CASE("keys llmtune does not implement are refused with the reason") {
-  CHECK(error_of([] { parse("base_model: x\nload_in_8bit: true\n"); }) ==
-        "`load_in_8bit: true` at recipe.yaml:2:1 is not supported: 8-bit bitsandbytes quantization is not implemented; "
-        "use load_in_4bit (QLoRA NF4) with adapter: qlora, or no quantization");
+  CHECK(error_of([] { parse("base_model: x\ngptq: true\n"); }) ==
+        "`gptq: true` at recipe.yaml:2:1 is not supported: training on a GPTQ-quantized base model is not implemented; "
+        "use the unquantized model with load_in_4bit");
   CHECK(error_of([] { parse("relora_steps: 150\n"); }) ==
         "`relora_steps` at recipe.yaml:1:1 is not supported: ReLoRA (periodic LoRA merge-and-restart) is not implemented");
   CHECK(error_of([] { parse("lisa_n_layers: 4\n"); }).find("LISA") != std::string::npos);
@@ -316,7 +316,7 @@ TEST_CASE("recipe_to_yaml prints every default and round-trips") {
   // No-op keys only when set; refused keys never.
   CHECK(y.find("\nwandb_project: proj\n") != std::string::npos);
   CHECK(y.find("wandb_entity") == std::string::npos);
-  CHECK(y.find("load_in_8bit") == std::string::npos);
+  CHECK(y.find("\ngptq:") == std::string::npos);
 
   // llmtune's own dataset keys.
   Recipe w = parse("datasets:\n  - path: a.txt\n    type: completion\n    text_split: paragraph\n    weight: 0.5\n");
@@ -417,7 +417,7 @@ TEST_CASE("the key registry: one entry per key, with types, defaults and statuse
   CHECK(find("", "dpo_beta")->status == config::KeyStatus::alias);
   CHECK(find("", "dpo_beta")->note == "rl_beta");
   CHECK(find("", "wandb_project")->status == config::KeyStatus::accepted_noop);
-  CHECK(find("", "load_in_8bit")->status == config::KeyStatus::refused);
+  CHECK(find("", "load_in_8bit")->status == config::KeyStatus::implemented);
   CHECK(find("", "lora_r")->default_value == "8");
   CHECK(find("", "learning_rate")->default_value == "5.0e-05");
   CHECK(find("", "bf16")->type == "bool|auto");
@@ -427,5 +427,5 @@ TEST_CASE("the key registry: one entry per key, with types, defaults and statuse
   CHECK(table.find("lora_alpha") != std::string::npos);
   CHECK(table.find("datasets[].field_messages") != std::string::npos);
   CHECK(table.find("trl.kl_coef") != std::string::npos);
-  CHECK(table.find("refused: 8-bit bitsandbytes quantization is not implemented") != std::string::npos);
+  CHECK(table.find("refused: removed from Axolotl; use sample_packing") != std::string::npos);
 }
