@@ -132,6 +132,32 @@ class KVCache {
 // ---------------------------------------------------------------------------------------------
 // Transformer
 
+// ---------------------------------------------------------------------------------------------
+// PEFT hooks (filled by llmtune::peft; absent = the plain model). Kept to two small interfaces so
+// the forward pass stays readable.
+//
+// VirtualTokens: every sequence sees N extra leading positions, either as input embeddings (prompt
+// tuning: [N, C], prepended before the first layer) or as per-layer key/value prefixes (prefix
+// tuning: per layer (K, V) each [Hkv, N, D], placed in front of the keys, already "rotated").
+// Real tokens then sit at positions N.., as in PEFT. They are added only when the KV cache is
+// absent or empty (a cache keeps them after the first forward); hidden states of prompt-tuning
+// positions are dropped from the output, so callers see [B, T, C] for T input tokens.
+class VirtualTokensImpl : public torch::nn::Module {
+ public:
+  virtual int64_t num_virtual_tokens() const = 0;
+  virtual torch::Tensor input_embeddings() { return {}; }                            // [N, C] or undefined
+  virtual std::vector<std::pair<torch::Tensor, torch::Tensor>> key_values() { return {}; }  // per layer, or empty
+};
+using VirtualTokensPtr = std::shared_ptr<VirtualTokensImpl>;
+
+// SublayerAdapter: maps a sublayer's output [B, T, C] before it is added to the residual stream
+// (bottleneck adapters after attention and after the MLP).
+class SublayerAdapterImpl : public torch::nn::Module {
+ public:
+  virtual torch::Tensor forward(const torch::Tensor& y) = 0;
+};
+using SublayerAdapterPtr = std::shared_ptr<SublayerAdapterImpl>;
+
 struct ForwardOptions {
   std::optional<torch::Tensor> position_ids;    // [B,T] int64; default: from attention mask / segments / arange
   std::optional<torch::Tensor> attention_mask;  // [B,T] 1 = token, 0 = padding (left or right)
@@ -147,6 +173,8 @@ struct LayerInputs {
   torch::Tensor mask_full, mask_sliding;  // [B,1,T,Tk] bool (true = attend), undefined -> see is_causal
   bool causal_full = false, causal_sliding = false;  // use SDPA's is_causal instead of a mask
   KVCache* cache = nullptr;
+  // Prefix tuning without a cache: per layer (K, V) [B, Hkv, N, D] put in front of the keys.
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> prefix;
 };
 
 class RMSNormImpl : public torch::nn::Module {
@@ -189,9 +217,13 @@ class DecoderLayerImpl : public torch::nn::Module {
  public:
   DecoderLayerImpl(const ModelConfig& c, int64_t layer, const LinearFactory& f, torch::TensorOptions o);
   torch::Tensor forward(const torch::Tensor& x, const LayerInputs& in);
+  // PEFT bottleneck adapters on the attention / MLP outputs (registered as "attn_adapter" /
+  // "mlp_adapter"; null removes).
+  void set_adapters(SublayerAdapterPtr attn, SublayerAdapterPtr mlp);
   Attention self_attn{nullptr};
   MLP mlp{nullptr};
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  SublayerAdapterPtr attn_adapter, mlp_adapter;
 };
 TORCH_MODULE(DecoderLayer);
 
@@ -233,13 +265,20 @@ class TransformerImpl : public torch::nn::Module {
   std::vector<torch::Tensor> lm_head_parameters();
   // Expected shape of a checkpoint tensor and the config fields that imply it, for messages.
   std::string shape_explanation(const std::string& tensor_name) const;
+  // PEFT prompt/prefix tuning: registered as child "prompt_encoder" (null removes).
+  void set_virtual_tokens(VirtualTokensPtr v);
+  const VirtualTokensPtr& virtual_tokens() const { return virtual_tokens_; }
+  // For PEFT merges that change the architecture flags (BitFit adds biases): edit, then keep the
+  // modules consistent yourself.
+  ModelConfig& mutable_config() { return config_; }
 
   DecoderStack decoder{nullptr};  // registered as "model" (HF prefix)
 
  private:
   LayerInputs prepare(int64_t B, int64_t T, torch::Device device, torch::ScalarType act_dtype,
-                      const ForwardOptions& opts, torch::Tensor* new_key_mask);
+                      const ForwardOptions& opts, torch::Tensor* new_key_mask, int64_t prefix_len = 0);
   ModelConfig config_;
+  VirtualTokensPtr virtual_tokens_;
   LinearPtr lm_head_;  // null when tied
   torch::Tensor inv_freq_;  // [D/2] fp32 for the configured rope (non-dynamic part)
   double attention_scaling_ = 1.0;

@@ -83,7 +83,13 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const LayerInputs& 
   auto cos = in.cos.unsqueeze(1), sin = in.sin.unsqueeze(1);  // [B,1,T,D]
   q = q * cos + rotate_half(q) * sin;
   k = k * cos + rotate_half(k) * sin;
-  if (in.cache) std::tie(k, v) = in.cache->update(layer, k, v);
+  if (in.cache) {
+    std::tie(k, v) = in.cache->update(layer, k, v);
+  } else if (!in.prefix.empty()) {  // prefix tuning without a cache: [B,Hkv,N+T,D]
+    const auto& [pk, pv] = in.prefix.at(layer);
+    k = torch::cat({pk.to(k.scalar_type()), k}, 2);
+    v = torch::cat({pv.to(v.scalar_type()), v}, 2);
+  }
   const torch::Tensor& mask = sliding ? in.mask_sliding : in.mask_full;
   bool causal = sliding ? in.causal_sliding : in.causal_full;
   std::optional<torch::Tensor> m;
@@ -114,8 +120,20 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer, const Li
 }
 
 torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const LayerInputs& in) {
-  auto h = x + self_attn->forward(input_layernorm->forward(x), in);
-  return h + mlp->forward(post_attention_layernorm->forward(h));
+  auto a = self_attn->forward(input_layernorm->forward(x), in);
+  if (attn_adapter) a = attn_adapter->forward(a);
+  auto h = x + a;
+  auto m = mlp->forward(post_attention_layernorm->forward(h));
+  if (mlp_adapter) m = mlp_adapter->forward(m);
+  return h + m;
+}
+
+void DecoderLayerImpl::set_adapters(SublayerAdapterPtr attn, SublayerAdapterPtr mlp_) {
+  for (auto [name, ptr, member] : {std::tuple{"attn_adapter", attn, &attn_adapter}, std::tuple{"mlp_adapter", mlp_, &mlp_adapter}}) {
+    if (*member) unregister_module(name);
+    *member = ptr;
+    if (ptr) register_module(name, ptr);
+  }
 }
 
 DecoderStackImpl::DecoderStackImpl(const ModelConfig& c, const LinearFactory& f, torch::TensorOptions o) {
@@ -180,6 +198,12 @@ void TransformerImpl::replace_linear(const std::string& name, LinearPtr module) 
   }
 }
 
+void TransformerImpl::set_virtual_tokens(VirtualTokensPtr v) {
+  if (virtual_tokens_) unregister_module("prompt_encoder");
+  virtual_tokens_ = std::move(v);
+  if (virtual_tokens_) register_module("prompt_encoder", virtual_tokens_);
+}
+
 torch::Tensor TransformerImpl::embed(const torch::Tensor& input_ids) { return decoder->embed_tokens->forward(input_ids); }
 
 torch::Tensor TransformerImpl::lm_head_logits(const torch::Tensor& hidden) {
@@ -239,10 +263,11 @@ std::string TransformerImpl::shape_explanation(const std::string& n) const {
 // Positions, RoPE tables and attention masks for one forward. new_key_mask receives the [B,T]
 // validity of the new tokens (for the cache).
 LayerInputs TransformerImpl::prepare(int64_t B, int64_t T, torch::Device dev, torch::ScalarType act,
-                                     const ForwardOptions& opts, torch::Tensor* new_key_mask) {
+                                     const ForwardOptions& opts, torch::Tensor* new_key_mask, int64_t prefix_len) {
   LayerInputs in;
   in.cache = opts.cache;
-  const int64_t P = opts.cache ? opts.cache->length() : 0;
+  // P earlier key positions: the cache's, or (no cache) prefix-tuning keys, which are all valid.
+  const int64_t P = opts.cache ? opts.cache->length() : prefix_len;
   const int64_t Tk = P + T;
   auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
   auto bopt = torch::TensorOptions().dtype(torch::kBool).device(dev);
@@ -259,7 +284,8 @@ LayerInputs TransformerImpl::prepare(int64_t B, int64_t T, torch::Device dev, to
   bool new_has_pad = new_mask.defined() && !new_mask.all().item<bool>();
   if (cache_has_pad || new_has_pad) {
     auto nm = new_mask.defined() ? new_mask : torch::ones({B, T}, bopt);
-    key_valid = P > 0 ? torch::cat({opts.cache->key_mask().to(dev), nm}, 1) : nm;
+    auto old = opts.cache ? opts.cache->key_mask().to(dev) : torch::ones({B, P}, bopt);
+    key_valid = P > 0 ? torch::cat({old, nm}, 1) : nm;
   }
   *new_key_mask = new_mask.defined() ? new_mask : torch::ones({B, T}, bopt);
 
@@ -344,10 +370,59 @@ torch::Tensor TransformerImpl::hidden_states(const torch::Tensor& input_ids, con
       fail("input_ids must be a [B, T] int64 tensor, got {}", input_ids.defined() ? input_ids.sizes() : c10::IntArrayRef{});
     x = embed(input_ids);
   }
+  if (opts.cache && opts.cache->batch() != x.size(0))
+    fail("KV cache was made for batch {} but the input has batch {}", opts.cache->batch(), x.size(0));
+
+  // PEFT virtual tokens (prompt / prefix tuning), only on a fresh sequence: prompt embeddings are
+  // prepended to x (and dropped from the output); prefix K/V go into the cache, or into `in.prefix`.
+  ForwardOptions vo;
+  const ForwardOptions* o = &opts;
+  int64_t n_prompt = 0, n_prefix = 0;
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> prefix_kv;
+  if (virtual_tokens_ && (!opts.cache || opts.cache->length() == 0)) {
+    // Virtual tokens belong to one sequence: rows that really hold several packed examples are
+    // refused; a row with a single example (what an unpacked batch carries) needs no segment ids.
+    if (opts.segment_ids && opts.segment_ids->max().item<int64_t>() > 1)
+      fail("prompt/prefix tuning cannot be combined with packed sequences (set sample_packing: false)");
+    const int64_t B0 = x.size(0), N = virtual_tokens_->num_virtual_tokens();
+    auto lopt = torch::TensorOptions().dtype(torch::kLong).device(x.device());
+    vo = opts;
+    vo.segment_ids.reset();
+    o = &vo;
+    auto emb = virtual_tokens_->input_embeddings();
+    if (emb.defined()) {
+      n_prompt = N;
+      x = torch::cat({emb.to(x.scalar_type()).unsqueeze(0).expand({B0, N, x.size(2)}), x}, 1);
+      if (opts.attention_mask)
+        vo.attention_mask = torch::cat({torch::ones({B0, N}, opts.attention_mask->options()), *opts.attention_mask}, 1);
+      if (opts.position_ids) {
+        auto p = opts.position_ids->to(x.device()).to(torch::kLong);
+        if (p.dim() == 1) p = p.unsqueeze(0).expand({B0, p.size(0)});
+        vo.position_ids = torch::cat({torch::arange(N, lopt).unsqueeze(0).expand({B0, N}), p + N}, 1);
+      }
+    }
+    prefix_kv = virtual_tokens_->key_values();
+    if (!prefix_kv.empty()) {
+      if ((int64_t)prefix_kv.size() != config_.num_hidden_layers)
+        fail("prefix tuning: {} key/value pairs for {} layers", prefix_kv.size(), config_.num_hidden_layers);
+      for (auto& [k, v] : prefix_kv) {
+        k = k.to(x.scalar_type()).unsqueeze(0).expand({B0, -1, -1, -1});
+        v = v.to(x.scalar_type()).unsqueeze(0).expand({B0, -1, -1, -1});
+      }
+      if (opts.position_ids) vo.position_ids = opts.position_ids->to(x.device()).to(torch::kLong) + N;
+      if (opts.cache) {  // written once; later steps find them cached like any earlier token
+        for (int64_t l = 0; l < (int64_t)prefix_kv.size(); ++l) opts.cache->update(l, prefix_kv[l].first, prefix_kv[l].second);
+        opts.cache->append_mask(torch::ones({B0, N}, torch::TensorOptions().dtype(torch::kBool).device(x.device())));
+      } else {
+        n_prefix = N;
+      }
+    }
+  }
+
   const int64_t B = x.size(0), T = x.size(1);
-  if (opts.cache && opts.cache->batch() != B) fail("KV cache was made for batch {} but the input has batch {}", opts.cache->batch(), B);
   torch::Tensor new_key_mask;
-  LayerInputs in = prepare(B, T, x.device(), x.scalar_type(), opts, &new_key_mask);
+  LayerInputs in = prepare(B, T, x.device(), x.scalar_type(), *o, &new_key_mask, n_prefix);
+  if (n_prefix) in.prefix = prefix_kv;
 
   const bool ckpt = opts.gradient_checkpointing && torch::GradMode::is_enabled() && !opts.cache;
   for (auto& layer : decoder->layer_list) {
@@ -359,9 +434,21 @@ torch::Tensor TransformerImpl::hidden_states(const torch::Tensor& input_ids, con
     for (auto& p : layer->parameters())
       if (p.requires_grad()) params.push_back(p);
     DecoderLayerImpl* L = layer.get();
-    x = checkpoint([L, in](const std::vector<torch::Tensor>& xs) { return L->forward(xs[0], in); }, {x}, params);
+    if (in.prefix.empty()) {
+      x = checkpoint([L, in](const std::vector<torch::Tensor>& xs) { return L->forward(xs[0], in); }, {x}, params);
+    } else {  // the layer's prefix K/V are inputs too, so their gradients flow
+      const auto& kv = in.prefix.at(L->self_attn->layer);
+      x = checkpoint(
+          [L, in](const std::vector<torch::Tensor>& xs) {
+            LayerInputs li = in;
+            li.prefix[L->self_attn->layer] = {xs[1], xs[2]};
+            return L->forward(xs[0], li);
+          },
+          {x, kv.first, kv.second}, params);
+    }
   }
   if (opts.cache) opts.cache->append_mask(new_key_mask);
+  if (n_prompt) x = x.narrow(1, n_prompt, T - n_prompt);
   return decoder->norm->forward(x);
 }
 

@@ -11,6 +11,7 @@
 
 #include "core/core.h"
 #include "io/io.h"
+#include "peft/methods_impl.h"
 #include "peft/peft.h"
 
 namespace llmtune::peft {
@@ -66,6 +67,7 @@ void save_adapter(model::TransformerImpl& model, const LoraConfig& cfg, const fs
       fail("save_adapter: {} holds stacked adapters (several were loaded); merge them (llmtune merge) first", n);
     put(n + ".lora_A.weight", l->lora_A->weight);
     put(n + ".lora_B.weight", l->lora_B->weight);
+    if (l->is_dora()) put(n + ".lora_magnitude_vector", l->lora_magnitude_vector);  // PEFT: no ".weight"
     if (cfg.bias == "lora_only" && l->base_bias().defined()) put(n + ".base_layer.bias", l->base_bias());
   }
   auto params = model.named_parameters(true);
@@ -95,7 +97,7 @@ LoraConfig load_adapter(model::TransformerImpl& model, const fs::path& dir, bool
   auto st = io::SafetensorsFile::open(file);
   const std::string src = file.string();
   struct Pair {
-    std::string a, b;
+    std::string a, b, m;  // m: DoRA magnitude
   };
   std::map<std::string, Pair> lora;  // module -> tensor names
   std::vector<std::pair<std::string, std::string>> full;  // (tensor name, stripped name)
@@ -105,8 +107,8 @@ LoraConfig load_adapter(model::TransformerImpl& model, const fs::path& dir, bool
     std::string rest = name.substr(kPrefix.size());
     if (rest.ends_with(".lora_A.weight")) lora[rest.substr(0, rest.size() - 14)].a = name;
     else if (rest.ends_with(".lora_B.weight")) lora[rest.substr(0, rest.size() - 14)].b = name;
-    else if (rest.find("lora_magnitude_vector") != std::string::npos)
-      fail("{}: tensor \"{}\" is a DoRA magnitude; DoRA adapters are not supported yet", src, name);
+    else if (rest.ends_with(".lora_magnitude_vector")) lora[rest.substr(0, rest.size() - 22)].m = name;
+    else if (rest.ends_with(".lora_magnitude_vector.weight")) lora[rest.substr(0, rest.size() - 29)].m = name;
     else if (rest.find("lora_embedding_") != std::string::npos)
       fail("{}: tensor \"{}\" is an embedding LoRA; LoRA on embed_tokens is not supported yet", src, name);
     else if (rest.find("lora_") != std::string::npos)
@@ -134,6 +136,17 @@ LoraConfig load_adapter(model::TransformerImpl& model, const fs::path& dir, bool
     auto l = std::make_shared<LoraLinearImpl>(base, cfg.r, scaling, cfg.dropout, 0);
     l->lora_A->weight.copy_(A.to(l->lora_A->weight.options()));
     l->lora_B->weight.copy_(B.to(l->lora_B->weight.options()));
+    if (cfg.use_dora != !p.m.empty())
+      fail("{}: module {} {} a lora_magnitude_vector but adapter_config.json says use_dora: {}", src, module,
+           p.m.empty() ? "lacks" : "has", cfg.use_dora);
+    if (cfg.use_dora) {
+      auto M = st->load(p.m);
+      if (M.dim() != 1 || M.size(0) != base->out_features())
+        fail("{}: tensor \"{}\" has shape {} but {} expects [{}] (out_features)", src, p.m, shape_str(M.sizes()), module,
+             base->out_features());
+      l->enable_dora();
+      l->lora_magnitude_vector.copy_(M.to(l->lora_magnitude_vector.options()));
+    }
     l->train(model.is_training());
     model.replace_linear(module, l);
   }
@@ -167,6 +180,7 @@ LoraConfig load_adapter(model::TransformerImpl& model, const fs::path& dir, bool
       auto l = std::dynamic_pointer_cast<LoraLinearImpl>(model.get_linear(n));
       l->lora_A->weight.set_requires_grad(true);
       l->lora_B->weight.set_requires_grad(true);
+      if (l->is_dora()) l->lora_magnitude_vector.set_requires_grad(true);
       if (cfg.bias == "lora_only" && l->base_bias().defined()) l->base_bias().set_requires_grad(true);
     }
     if (cfg.bias == "all")
@@ -193,7 +207,11 @@ TrainingSetup prepare_for_training(model::TransformerImpl& model, const config::
     } else {
       for (auto& p : model.parameters()) p.set_requires_grad(true);
     }
-  } else if (adapter == "lora") {
+  } else if (adapter == "lora" || adapter == "qlora") {
+    // qlora: the same LoRA over a base loaded quantized (quant::load_quantized; qlora.cpp).
+    if (adapter == "qlora" && !has_quantized_base(model))
+      fail("adapter: qlora needs the base model loaded in 4 bits (load_in_4bit: true); this model has no quantized "
+           "linear layers");
     if (!recipe.unfrozen_parameters.empty())
       fail("unfrozen_parameters selects tensors for full fine-tuning; with adapter: lora list extra trainable "
            "modules in lora_modules_to_save instead");
@@ -206,6 +224,9 @@ TrainingSetup prepare_for_training(model::TransformerImpl& model, const config::
       s.lora = LoraConfig::from_recipe(recipe);
       s.wrapped = apply_lora(model, *s.lora, seed);
     }
+  } else if (adapter == "ia3" || adapter == "bitfit" || adapter == "prompt_tuning" || adapter == "prefix_tuning" ||
+             adapter == "bottleneck") {
+    s.adapter = detail::prepare_other_method(model, recipe, seed, adapter);  // methods.cpp
   } else {
     bool known = false;
     for (const auto& m : methods())
@@ -223,7 +244,10 @@ TrainingSetup prepare_for_training(model::TransformerImpl& model, const config::
 
 void save_trained(model::TransformerImpl& model, const TrainingSetup& setup, const fs::path& dir,
                   std::optional<torch::ScalarType> dtype) {
-  if (setup.lora) save_adapter(model, *setup.lora, dir, dtype);
+  if (setup.lora) {
+    save_adapter(model, *setup.lora, dir, dtype);
+    write_qlora_record(model, setup.lora->base_model_name_or_path, dir);  // QLoRA: which base (qlora.cpp)
+  } else if (setup.adapter) save_any_adapter(model, *setup.adapter, dir, dtype);
   else model::save_pretrained(model, dir, dtype);
 }
 

@@ -19,11 +19,13 @@ namespace llmtune::peft {
 const std::vector<MethodInfo>& methods() {
   static const std::vector<MethodInfo> table = {
       {"LORA", "lora", "low-rank adapters on linear layers (rsLoRA via use_rslora)", true},
-      {"LORA", "qlora", "LoRA over a 4-bit quantized base (needs the quantization module)", false},
-      {"DORA", "", "weight-decomposed LoRA (adapter_config use_dora: true)", false},
-      {"IA3", "ia3", "learned per-channel scaling vectors", false},
-      {"PROMPT_TUNING", "prompt_tuning", "virtual token embeddings prepended to the input", false},
-      {"PREFIX_TUNING", "prefix_tuning", "learned key/value prefixes per layer", false},
+      {"LORA", "qlora", "LoRA over a frozen 4-bit NF4/FP4 base (load_in_4bit; bitsandbytes format)", true},
+      {"DORA", "", "weight-decomposed LoRA (adapter: lora + peft_use_dora: true; adapter_config use_dora: true)", true},
+      {"IA3", "ia3", "learned per-channel scaling vectors", true},
+      {"PROMPT_TUNING", "prompt_tuning", "virtual token embeddings prepended to the input", true},
+      {"PREFIX_TUNING", "prefix_tuning", "learned key/value prefixes per layer", true},
+      {"BITFIT", "bitfit", "only bias terms train (llmtune layout; zero biases added where absent)", true},
+      {"BOTTLENECK", "bottleneck", "Houlsby bottleneck adapters after attention and MLP (llmtune layout)", true},
       {"P_TUNING", "", "prompt encoder producing virtual tokens", false},
   };
   return table;
@@ -64,7 +66,6 @@ LoraConfig LoraConfig::from_recipe(const config::Recipe& rc) {
   c.use_dora = rc.peft_use_dora;
   if (rc.base_model) c.base_model_name_or_path = *rc.base_model;
   if (rc.lora_fan_in_fan_out) fail("lora_fan_in_fan_out: true is for GPT-2 Conv1D weights; Llama-family linears need false");
-  if (c.use_dora) require_method("DORA", "recipe key peft_use_dora");
   return c;
 }
 
@@ -122,6 +123,7 @@ LoraConfig LoraConfig::from_adapter_json(const nlohmann::json& j, const std::str
     fail("{}: missing string key \"peft_type\" (a PEFT adapter_config.json has e.g. \"peft_type\": \"LORA\")", source);
   std::string type = j["peft_type"];
   require_method(type, source);
+  if (type != "LORA") fail("{}: peft_type \"{}\" is not a LoRA adapter (load it with load_any_adapter)", source, type);
   LoraConfig c;
   auto num = [&](const char* key, double def) -> double {
     if (!j.contains(key) || j[key].is_null()) return def;
@@ -139,7 +141,6 @@ LoraConfig LoraConfig::from_adapter_json(const nlohmann::json& j, const std::str
   c.use_rslora = flag("use_rslora");
   c.use_dora = flag("use_dora");
   c.inference_mode = flag("inference_mode");
-  if (c.use_dora) require_method("DORA", source + " (use_dora: true)");
   if (flag("fan_in_fan_out")) fail("{}: fan_in_fan_out: true (GPT-2 Conv1D layout) is not supported for Llama-family models", source);
   if (flag("lora_bias")) fail("{}: lora_bias: true (a bias on lora_B) is not supported yet", source);
   for (const char* k : {"rank_pattern", "alpha_pattern"})

@@ -5,6 +5,7 @@
 #include <regex>
 
 #include "core/core.h"
+#include "peft/methods_impl.h"
 #include "peft/peft.h"
 
 namespace llmtune::peft {
@@ -14,8 +15,7 @@ LoraLinearImpl::LoraLinearImpl(model::LinearPtr base, int64_t r_, double scaling
     : base_layer(std::move(base)), r(r_), scaling(scaling_), dropout(dropout_) {
   if (!base_layer) fail("LoRA: base layer is null");
   if (r <= 0) fail("LoRA rank r must be positive (got {})", r);
-  auto dev = dense_base()->weight.device();
-  auto o = torch::TensorOptions().dtype(torch::kFloat).device(dev);
+  auto o = torch::TensorOptions().dtype(torch::kFloat).device(linear_device(base_layer));
   register_module("base_layer", base_layer);
   lora_A = register_module("lora_A", std::make_shared<model::DenseLinearImpl>(in_features(), r, false, o));
   lora_B = register_module("lora_B", std::make_shared<model::DenseLinearImpl>(r, out_features(), false, o));
@@ -38,6 +38,8 @@ std::shared_ptr<model::DenseLinearImpl> LoraLinearImpl::dense_base() const {
 }
 
 torch::Tensor LoraLinearImpl::forward(const torch::Tensor& x) {
+  if (disabled) return base_layer->forward(x);
+  if (is_dora()) return dora_forward(x);
   auto y = base_layer->forward(x);
   auto h = x.to(lora_A->weight.scalar_type());
   if (dropout > 0 && is_training()) h = torch::dropout(h, dropout, true);
@@ -45,12 +47,28 @@ torch::Tensor LoraLinearImpl::forward(const torch::Tensor& x) {
   return (y.to(delta.scalar_type()) + delta).to(y.scalar_type());
 }
 
+DisabledAdapters::DisabledAdapters(torch::nn::Module& model) {
+  for (const auto& m : model.modules(/*include_self=*/false))
+    if (auto l = std::dynamic_pointer_cast<LoraLinearImpl>(m)) {
+      saved_.emplace_back(l, l->disabled);
+      l->disabled = true;
+    }
+}
+
+DisabledAdapters::~DisabledAdapters() {
+  for (auto& [l, was] : saved_) l->disabled = was;
+}
+
 torch::Tensor LoraLinearImpl::merged_weight_fp32() const {
   torch::Tensor w;
   if (auto l = std::dynamic_pointer_cast<LoraLinearImpl>(base_layer)) w = l->merged_weight_fp32();
   else w = dense_base()->weight.detach().to(torch::kFloat);
   auto ba = torch::matmul(lora_B->weight.detach().to(torch::kFloat), lora_A->weight.detach().to(torch::kFloat));
-  return w + ba.to(w.device()) * scaling;
+  auto merged = w + ba.to(w.device()) * scaling;
+  if (!is_dora()) return merged;
+  // DoRA: W' = (m / ||W + s B A||_row)[:, None] * (W + s B A)
+  auto norm = (merged).pow(2).sum(1).sqrt();
+  return (lora_magnitude_vector.detach().to(torch::kFloat).to(w.device()) / norm).unsqueeze(1) * merged;
 }
 
 torch::Tensor LoraLinearImpl::base_bias() const { return dense_base()->bias; }
@@ -120,6 +138,7 @@ void set_trainable(model::TransformerImpl& model, const std::string& bias, const
     for (auto* lin = l.get(); lin;) {  // every stacked adapter trains
       lin->lora_A->weight.set_requires_grad(true);
       lin->lora_B->weight.set_requires_grad(true);
+      if (lin->is_dora()) lin->lora_magnitude_vector.set_requires_grad(true);
       lin = dynamic_cast<LoraLinearImpl*>(lin->base_layer.get());
     }
     if (bias == "lora_only" && l->base_bias().defined()) l->base_bias().set_requires_grad(true);
@@ -134,7 +153,6 @@ void set_trainable(model::TransformerImpl& model, const std::string& bias, const
 }  // namespace
 
 std::vector<std::string> apply_lora(model::TransformerImpl& model, const LoraConfig& cfg, uint64_t seed) {
-  if (cfg.use_dora) require_method("DORA", "LoRA config (use_dora: true)");
   if (cfg.bias != "none" && cfg.bias != "all" && cfg.bias != "lora_only")
     fail("LoRA bias must be none, all or lora_only (got \"{}\")", cfg.bias);
   if (cfg.dropout < 0 || cfg.dropout >= 1) fail("lora_dropout must be in [0, 1) (got {})", cfg.dropout);
@@ -144,6 +162,7 @@ std::vector<std::string> apply_lora(model::TransformerImpl& model, const LoraCon
   for (const auto& n : targets) {
     auto base = model.get_linear(n);
     auto l = std::make_shared<LoraLinearImpl>(base, cfg.r, scaling, cfg.dropout, seed * 1000003ULL + i++);
+    if (cfg.use_dora) l->enable_dora();
     l->train(model.is_training());
     model.replace_linear(n, l);
   }
@@ -203,10 +222,12 @@ ParamStats parameter_stats(torch::nn::Module& model) {
 void print_trainable_parameters(torch::nn::Module& model) { log::info(parameter_stats(model).to_string()); }
 
 void merge_all(model::TransformerImpl& model) {
+  dequantize_bases(model);  // QLoRA: merge into the dequantized 4-bit base (qlora.cpp)
   for (const auto& n : lora_modules(model)) {
     auto l = std::dynamic_pointer_cast<LoraLinearImpl>(model.get_linear(n));
     model.replace_linear(n, l->merge());
   }
+  detail::merge_other_methods(model);  // IA3, bottleneck, BitFit (methods.cpp)
 }
 
 }  // namespace llmtune::peft

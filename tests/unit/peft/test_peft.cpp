@@ -252,12 +252,15 @@ TEST_CASE("adapter errors name tensor, shapes and r", "[peft]") {
                         Catch::Contains("[4, 16]") && Catch::Contains("[8, 16]") && Catch::Contains("r = 8"));
   j["peft_type"] = "IA3";
   std::ofstream(dir / "adapter_config.json") << j.dump();
-  CHECK_THROWS_WITH(peft::load_adapter(*fresh, dir), Catch::Contains("IA3") && Catch::Contains("not supported"));
+  CHECK_THROWS_WITH(peft::load_adapter(*fresh, dir), Catch::Contains("IA3") && Catch::Contains("not a LoRA adapter"));
+  j["peft_type"] = "P_TUNING";
+  std::ofstream(dir / "adapter_config.json") << j.dump();
+  CHECK_THROWS_WITH(peft::load_any_adapter(*fresh, dir), Catch::Contains("P_TUNING") && Catch::Contains("not supported"));
   j["peft_type"] = "LORA";
   j["r"] = 4;
   j["use_dora"] = true;
   std::ofstream(dir / "adapter_config.json") << j.dump();
-  CHECK_THROWS_WITH(peft::load_adapter(*fresh, dir), Catch::Contains("DORA"));
+  CHECK_THROWS_WITH(peft::load_adapter(*fresh, dir), Catch::Contains("lora_magnitude_vector") && Catch::Contains("use_dora"));
   CHECK_THROWS_WITH(peft::load_adapter(*fresh, dir / "missing"), Catch::Contains("adapter_config.json"));
   // a model of another size: tensor shape mismatch names in_features
   fs::remove_all(dir);
