@@ -1,6 +1,7 @@
 // `llmtune merge`: folds one or more PEFT LoRA adapters into the base weights (fp32 math, cast to
 // the output dtype) and writes a plain checkpoint transformers loads, with the tokenizer files
-// copied. Reports the max |logit| difference between merged and base+adapter on probe inputs.
+// copied. QLoRA adapters merge into their 4-bit base dequantized (warning on another base). Reports
+// the max |logit| difference between merged and base+adapter on probe inputs.
 #include <iostream>
 
 #include "cli/commands.h"
@@ -8,6 +9,7 @@
 #include "core/core.h"
 #include "io/io.h"
 #include "peft/peft.h"
+#include "quant/quant.h"
 
 namespace llmtune::cli {
 namespace {
@@ -15,7 +17,7 @@ namespace {
 namespace fs = std::filesystem;
 
 struct MergeOpts {
-  std::string base, out, dtype = "auto";
+  std::string base, out, dtype = "auto", merge_into = "quantized";
   std::vector<std::string> adapters;
   int threads = 0;
 };
@@ -37,17 +39,63 @@ int run_merge(const MergeOpts& o) {
   auto dir = io::resolve_model_path(o.base);
   auto config = model::ModelConfig::from_file(dir / "config.json");
   auto dtype = parse_dtype(o.dtype, &config);
-  auto m = model::load_pretrained(dir, dtype);
+  // QLoRA: an adapter trained on a quantized base records it (llmtune_qlora.json); a base saved 4-bit
+  // by bitsandbytes says so in config.json. Either way merge into that base *dequantized*, which is
+  // what the adapter was trained against, unless --merge-into original asks for the 16-bit weights.
+  std::optional<quant::BaseRecord> rec;
+  for (const auto& a : o.adapters)
+    if (auto r = quant::read_base_record(io::resolve_model_path(a))) rec = r;
+  auto stored_q = quant::checkpoint_quantization(dir);
+  if (o.merge_into != "quantized" && o.merge_into != "original")
+    fail("--merge-into {}: use quantized (default) or original", o.merge_into);
+  model::Transformer m{nullptr};
+  if ((rec || stored_q) && (o.merge_into == "quantized" || stored_q)) {
+    quant::QuantOptions qo = stored_q ? *stored_q : rec->options;
+    if (rec && !stored_q) qo = rec->options;
+    m = quant::load_quantized(dir, qo, dtype);
+    const std::string desc = fmt::format("{}{}{}", qo.bits == quant::QuantOptions::Bits::eight ? "int8" : quant::to_string(qo.type),
+                                         qo.bits == quant::QuantOptions::Bits::four && qo.double_quant ? " + double quant" : "",
+                                         fmt::format(", compute {}", c10::toString(qo.compute_dtype)));
+    if (rec) {
+      log::notice(fmt::format("QLoRA adapter: trained against {} quantized as {}; merging into that base dequantized "
+                              "to {} (the weights the adapter was trained with)",
+                              rec->base_model.empty() ? "(unrecorded base)" : rec->base_model, desc,
+                              c10::toString(qo.compute_dtype)));
+      if (quant::quantized_fingerprint(*m) != rec->fingerprint)
+        log::warn(fmt::format("--base {} does not quantize to the base this adapter was trained against (recorded: "
+                              "{}; fingerprint mismatch): the merged model will not reproduce the trained adapter. "
+                              "Merge into the same base model the recipe used.", o.base, rec->base_model));
+    } else {
+      log::notice(fmt::format("base {} is stored 4-bit ({}); merging into its dequantized weights", dir.string(), desc));
+    }
+    m->mutable_config().raw.erase("quantization_config");  // the output is a plain 16-bit checkpoint
+  } else {
+    if (rec)
+      log::warn(fmt::format("the adapter was trained against the {} quantization of {}, but --merge-into original "
+                            "merges it into the 16-bit weights: the result differs from the model you trained "
+                            "(the usual cause of degraded QLoRA merges). Omit --merge-into to merge into the "
+                            "dequantized base.", quant::to_string(rec->options.type), rec->base_model));
+    m = model::load_pretrained(dir, dtype);
+  }
   m->eval();
   for (const auto& a : o.adapters) {
-    auto cfg = peft::load_adapter(*m, a, false);
-    log::info(fmt::format("adapter {}: r={} alpha={} scaling={:.6g}", a, cfg.r, cfg.alpha, cfg.scaling()));
+    auto cfg = peft::load_any_adapter(*m, a, false);
+    log::info(fmt::format("adapter {}: {}", a, cfg.summary()));
+    if (!cfg.mergeable())
+      fail("adapter {} ({}) cannot be merged into weights; use it unmerged with `llmtune generate/eval --adapter {}`", a,
+           cfg.summary(), a);
   }
   torch::NoGradGuard ng;
   auto inputs = probes(config.vocab_size);
   std::vector<torch::Tensor> before;
   for (const auto& x : inputs) before.push_back(m->forward(x).to(torch::kFloat));
+  // A quantized base dequantizes to its compute dtype (the values the adapter was trained against).
+  // Widening to an fp32 output is exact, so it happens before merging; a 16-bit output is cast after
+  // the merge (done in fp32), so the adapter weights are not rounded first. Either way the merged
+  // model runs in one dtype.
+  if (peft::dequantize_bases(*m) > 0 && dtype == torch::kFloat) m->to(dtype);
   peft::merge_all(*m);
+  m->to(dtype);
   double diff = 0;
   for (size_t i = 0; i < inputs.size(); ++i)
     diff = std::max(diff, (m->forward(inputs[i]).to(torch::kFloat) - before[i]).abs().max().item<double>());
@@ -70,6 +118,9 @@ RunFn setup_merge(CLI::App& app) {
   app.add_option("--out", o->out, "Output directory for the merged checkpoint")->required();
   app.add_option("--dtype", o->dtype, "Output dtype: bf16 | fp16 | fp32 | auto (the base's)")->capture_default_str();
   app.add_option("--threads", o->threads, "CPU threads (default: all cores)");
+  app.add_option("--merge-into", o->merge_into,
+                 "QLoRA adapters: quantized (default: the dequantized 4-bit base they were trained on) | original "
+                 "(the 16-bit weights; warns)")->capture_default_str();
   return [o]() { return run_merge(*o); };
 }
 

@@ -22,7 +22,7 @@ LoadedModel load_model_and_tokenizer(const std::string& model_name, const std::s
   auto config = model::ModelConfig::from_file(out.dir / "config.json");
   double t0 = now_seconds();
   out.model = model::load_pretrained(out.dir, parse_dtype(dtype, &config));
-  for (const auto& a : adapters) peft::load_adapter(*out.model, io::resolve_model_path(a, {.files = {"adapter_config.json", "adapter_model.safetensors"}}));
+  for (const auto& a : adapters) peft::load_any_adapter(*out.model, io::resolve_model_path(a, {.files = {"adapter_config.json", "adapter_model.safetensors"}}));
   out.model->eval();
   log::debug(fmt::format("loaded {} in {:.2f}s", out.dir.string(), now_seconds() - t0));
   out.tokenizer = tok::Tokenizer::load(tokenizer_dir.empty() ? out.dir : std::filesystem::path(tokenizer_dir));

@@ -184,11 +184,16 @@ void SGD::load_state(const std::map<std::string, torch::Tensor>& tensors, const 
         momentum_buffer_[g.names[i]] = find_state(tensors, g.names[i] + ".momentum_buffer", g.params[i]);
 }
 
+namespace detail {
+std::unique_ptr<Optimizer> make_adamw_8bit(std::vector<ParamGroup> groups, double beta1, double beta2, double eps);  // optim8bit.cpp
+}
+
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& o, std::vector<ParamGroup> groups) {
   if (o.name == "adamw" || o.name == "adamw_torch") return std::make_unique<AdamW>(std::move(groups), o.beta1, o.beta2, o.eps);
+  if (o.name == "adamw_8bit") return detail::make_adamw_8bit(std::move(groups), o.beta1, o.beta2, o.eps);
   if (o.name == "sgd") return std::make_unique<SGD>(std::move(groups), o.momentum, o.dampening, o.nesterov);
-  auto hint = closest_match(o.name, {"adamw", "sgd"});
-  fail("unknown optimizer '{}'{}; available: adamw, sgd", o.name, hint ? fmt::format(" (did you mean '{}'?)", *hint) : "");
+  auto hint = closest_match(o.name, {"adamw", "adamw_8bit", "sgd"});
+  fail("unknown optimizer '{}'{}; available: adamw, adamw_8bit, sgd", o.name, hint ? fmt::format(" (did you mean '{}'?)", *hint) : "");
 }
 
 }  // namespace llmtune::train
