@@ -122,7 +122,7 @@ std::vector<BatchPlan> plan_epoch(const TokenizedDataset& data, const BatchOptio
 }  // namespace
 
 nlohmann::json BatchState::to_json() const {
-  return {{"epoch", epoch}, {"index", index}, {"seed", seed}};
+  return {{"epoch", epoch}, {"index", index}, {"seed", seed}, {"world_size", world_size}};
 }
 
 BatchState BatchState::from_json(const nlohmann::json& j) {
@@ -131,6 +131,7 @@ BatchState BatchState::from_json(const nlohmann::json& j) {
     s.epoch = j.at("epoch").get<int64_t>();
     s.index = j.at("index").get<int64_t>();
     s.seed = j.at("seed").get<uint64_t>();
+    s.world_size = j.value("world_size", int64_t{1});
   } catch (const nlohmann::json::exception& e) {
     fail("data loader state {} is not {{epoch, index, seed}} ({}); the checkpoint's data state is damaged", j.dump(),
          e.what());
@@ -200,6 +201,7 @@ BatchSource::BatchSource(std::shared_ptr<const TokenizedDataset> data, BatchOpti
   if (options_.world_size < 1 || options_.rank < 0 || options_.rank >= options_.world_size)
     fail("BatchSource: rank {} is outside world size {}", options_.rank, options_.world_size);
   state_.seed = options_.seed;
+  state_.world_size = options_.world_size;
 }
 
 void BatchSource::ensure_epoch() {
@@ -223,6 +225,17 @@ void BatchSource::set_epoch(int64_t epoch) {
 void BatchSource::set_state(const BatchState& s) {
   if (s.epoch < 0 || s.index < 0) fail("data loader state has a negative epoch/index: {}", s.to_json().dump());
   state_ = s;
+  // Resuming with another number of ranks: batch k of the epoch went to rank k % world_size, so a
+  // state at index i had consumed i * old_world batches; continue at the same global position.
+  const int64_t old_ws = std::max<int64_t>(s.world_size, 1), new_ws = options_.world_size;
+  if (old_ws != new_ws) {
+    const int64_t global = s.index * old_ws;
+    if (global % new_ws != 0)
+      log::warn(fmt::format("data: resuming batch {} of the epoch on {} ranks (was {}); {} batch(es) are skipped to "
+                            "keep the ranks in step", global, new_ws, old_ws, new_ws - global % new_ws));
+    state_.index = (global + new_ws - 1) / new_ws;
+    state_.world_size = new_ws;
+  }
   ensure_epoch();
   if (state_.index > static_cast<int64_t>(epoch_plan_.size()))
     fail("data loader state points at batch {} of epoch {}, but the epoch has {} batches; the data or batch "

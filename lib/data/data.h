@@ -210,6 +210,7 @@ struct BatchState {
   int64_t epoch = 0;
   int64_t index = 0;  // next batch in this epoch (this rank's numbering)
   uint64_t seed = 42;
+  int64_t world_size = 1;  // ranks that shared the epoch; a state from another world size is rescaled
   nlohmann::json to_json() const;
   static BatchState from_json(const nlohmann::json& j);
   bool operator==(const BatchState&) const = default;

@@ -1,6 +1,8 @@
 // loss.svg: training loss and eval loss (left axis) and learning rate (right axis) against the
-// step, drawn from metrics.jsonl as a self-contained SVG (no fonts or scripts needed to view).
+// step, drawn from metrics.jsonl as a self-contained SVG (no fonts or scripts needed to view); eval
+// task metrics (eval_<task>/<metric>, from eval_tasks) get a second panel below on the same steps.
 // Non-finite points are dropped; an empty series is simply not drawn.
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 
@@ -54,6 +56,7 @@ void write_loss_plot(const fs::path& metrics_jsonl, const fs::path& svg_out) {
   std::ifstream in(metrics_jsonl);
   if (!in) fail("cannot read {}", metrics_jsonl.string());
   Series train{"train loss", "#1f77b4", false, {}}, eval{"eval loss", "#d62728", false, {}}, lr{"learning rate", "#2ca02c", true, {}};
+  std::vector<Series> tasks;  // eval task metrics, in first-appearance order
   std::string line;
   while (std::getline(in, line)) {
     auto j = nlohmann::json::parse(line, nullptr, false);
@@ -66,13 +69,27 @@ void write_loss_plot(const fs::path& metrics_jsonl, const fs::path& svg_out) {
     add(train, "loss");
     add(eval, "eval_loss");
     add(lr, "lr");
+    for (const auto& [k, v] : j.items()) {
+      if (k.rfind("eval_", 0) != 0 || k.find('/') == std::string::npos || !v.is_number()) continue;
+      auto it = std::find_if(tasks.begin(), tasks.end(), [&](const Series& s) { return s.name == k.substr(5); });
+      if (it == tasks.end()) {
+        static const char* palette[] = {"#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"};
+        tasks.push_back({k.substr(5), palette[tasks.size() % 7], false, {}});
+        it = tasks.end() - 1;
+      }
+      add(*it, k.c_str());
+    }
   }
 
-  const double W = 900, H = 520, L = 80, R = 90, T = 50, B = 60;
-  const double pw = W - L - R, ph = H - T - B;
+  const double W = 900, H0 = 520, L = 80, R = 90, T = 50, B = 60;
+  const double H2 = tasks.empty() ? 0 : 280;  // second panel: eval task metrics
+  const double H = H0 + H2;
+  const double pw = W - L - R, ph = H0 - T - B;
   double x0 = 0, x1 = 1, y0 = INFINITY, y1 = -INFINITY, l1 = 0;
   for (const Series* s : {&train, &eval, &lr})
     for (auto [x, y] : s->points) x1 = std::max(x1, x);
+  for (const auto& s : tasks)
+    for (auto [x, y] : s.points) x1 = std::max(x1, x);
   for (const Series* s : {&train, &eval})
     for (auto [x, y] : s->points) y0 = std::min(y0, y), y1 = std::max(y1, y);
   if (!std::isfinite(y0)) y0 = 0, y1 = 1;
@@ -105,7 +122,7 @@ void write_loss_plot(const fs::path& metrics_jsonl, const fs::path& svg_out) {
     for (double v : nice_ticks(0, l1, 5))
       svg += fmt::format("<text x=\"{}\" y=\"{:.1f}\" fill=\"{}\">{}</text>\n", L + pw + 6, pl(v) + 4, lr.color, fmt_num(v));
   svg += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#333\"/>\n", L, T, pw, ph);
-  svg += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">step</text>\n", L + pw / 2, H - 15);
+  svg += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">step</text>\n", L + pw / 2, H0 - 15);
   svg += fmt::format("<text x=\"20\" y=\"{0}\" text-anchor=\"middle\" transform=\"rotate(-90 20 {0})\">loss</text>\n",
                      T + ph / 2);
   if (!lr.points.empty())
@@ -131,6 +148,39 @@ void write_loss_plot(const fs::path& metrics_jsonl, const fs::path& svg_out) {
                        L + pw - 150, ly, L + pw - 122, s->color, s->dashed ? " stroke-dasharray=\"6 4\"" : "");
     svg += fmt::format("<text x=\"{}\" y=\"{}\">{}</text>\n", L + pw - 116, ly + 4, s->name);
     ly += 18;
+  }
+  if (!tasks.empty()) {
+    // Eval task metrics: accuracies are in [0, 1]; other metrics widen the axis.
+    const double t0 = H0 + 20, th = H2 - 70;
+    double m0 = 0, m1 = 1;
+    for (const auto& s : tasks)
+      for (auto [x, y] : s.points) m0 = std::min(m0, y), m1 = std::max(m1, y);
+    auto pm = [&](double y) { return t0 + th - (y - m0) / (m1 - m0) * th; };
+    for (double v : nice_ticks(x0, x1, 8)) {
+      svg += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1}\" x2=\"{0:.1f}\" y2=\"{2}\" stroke=\"#eee\"/>\n", px(v), t0, t0 + th);
+      svg += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", px(v), t0 + th + 18, fmt_num(v));
+    }
+    for (double v : nice_ticks(m0, m1, 5)) {
+      svg += fmt::format("<line x1=\"{}\" y1=\"{:.1f}\" x2=\"{}\" y2=\"{:.1f}\" stroke=\"#eee\"/>\n", L, pm(v), L + pw, pm(v));
+      svg += fmt::format("<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\">{}</text>\n", L - 6, pm(v) + 4, fmt_num(v));
+    }
+    svg += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#333\"/>\n", L, t0, pw, th);
+    svg += fmt::format("<text x=\"20\" y=\"{0}\" text-anchor=\"middle\" transform=\"rotate(-90 20 {0})\">eval tasks</text>\n",
+                       t0 + th / 2);
+    svg += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">step</text>\n", L + pw / 2, H - 15);
+    double ty = t0 + 12;
+    for (const auto& s : tasks) {
+      std::string pts;
+      for (auto [x, y] : s.points) pts += fmt::format("{:.2f},{:.2f} ", px(x), pm(y));
+      svg += fmt::format("<polyline id=\"eval_metric_{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>\n",
+                         escape(s.name), s.color, pts);
+      for (auto [x, y] : s.points)
+        svg += fmt::format("<circle cx=\"{:.2f}\" cy=\"{:.2f}\" r=\"3\" fill=\"{}\"/>\n", px(x), pm(y), s.color);
+      svg += fmt::format("<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"{3}\" stroke-width=\"2\"/>\n",
+                         L + 10, ty, L + 38, s.color);
+      svg += fmt::format("<text x=\"{}\" y=\"{}\">{}</text>\n", L + 44, ty + 4, escape(s.name));
+      ty += 18;
+    }
   }
   svg += "</svg>\n";
   std::ofstream out(svg_out, std::ios::trunc);

@@ -59,7 +59,7 @@ TrainOptions train_options_from_recipe(const config::Recipe& r, int64_t batches_
   if (r.resume_from_checkpoint) o.resume = *r.resume_from_checkpoint;
   else if (r.auto_resume_from_checkpoints) o.resume = "auto";
 
-  o.optimizer.name = r.optimizer == "sgd" ? "sgd" : "adamw";
+  o.optimizer.name = r.optimizer == "sgd" ? "sgd" : r.optimizer == "adamw_8bit" ? "adamw_8bit" : "adamw";
   o.optimizer.lr = r.learning_rate;
   o.optimizer.weight_decay = r.weight_decay;
   o.optimizer.beta1 = r.adam_beta1;

@@ -1,6 +1,8 @@
 // The `llmtune sft` stage: supervised fine-tuning of a causal LM on target tokens only, as one
-// function that reads like a torchtune recipe. Caveats: single process (no DDP wiring here yet),
-// adapter: qlora is refused until 4-bit base weights exist; the memory plan is an estimate.
+// function that reads like a torchtune recipe. Under `llmtune launch` / torchrun / srun each rank
+// trains its shard (train::Parallel) and rank 0 alone writes. QLoRA (load_in_4bit) / load_in_8bit
+// load the frozen base through llmtune::quant. Caveat: the memory plan is an estimate.
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cmath>
@@ -9,9 +11,11 @@
 #include "config/config.h"
 #include "core/core.h"
 #include "data/data.h"
+#include "eval/eval.h"
 #include "io/io.h"
 #include "model/model.h"
 #include "peft/peft.h"
+#include "quant/quant.h"
 #include "tokenizer/tokenizer.h"
 #include "train/train.h"
 
@@ -30,8 +34,8 @@ extern "C" void on_sigint(int) {
 // chunked shifted cross-entropy summed over target tokens and divided by the group normaliser.
 class CausalLmObjective : public Objective {
  public:
-  CausalLmObjective(model::TransformerImpl& m, torch::Device device, bool checkpointing)
-      : m_(m), device_(device), ckpt_(checkpointing) {}
+  CausalLmObjective(model::TransformerImpl& m, torch::Device device, bool checkpointing, int64_t loss_chunk)
+      : m_(m), device_(device), ckpt_(checkpointing), loss_chunk_(loss_chunk) {}
 
   StepOutput compute(const Batch& b, double normaliser) override {
     auto ls = loss_sum(b);
@@ -51,11 +55,12 @@ class CausalLmObjective : public Objective {
     if (b.segment_ids.defined()) fo.segment_ids = dev(b.segment_ids);
     fo.gradient_checkpointing = ckpt_ && torch::GradMode::is_enabled();
     auto hidden = m_.hidden_states(dev(b.input_ids), fo);
-    return model::causal_lm_loss_sum(m_, hidden, dev(b.labels));
+    return model::causal_lm_loss_sum(m_, hidden, dev(b.labels), loss_chunk_);
   }
   model::TransformerImpl& m_;
   torch::Device device_;
   bool ckpt_;
+  int64_t loss_chunk_;
 };
 
 // Peak memory of one training step, roughly: weights + grads + fp32 masters + optimizer slots +
@@ -80,7 +85,7 @@ nlohmann::json memory_plan(torch::nn::Module& m, const model::ModelConfig& c, to
   const double L = static_cast<double>(c.num_hidden_layers), H = static_cast<double>(c.num_attention_heads);
   const double per_layer = B * T * (10 * C + 3 * I) * act_b;
   const double scores = B * H * T * T * 4.0;
-  const double loss_chunk = 1024.0 * static_cast<double>(c.vocab_size) * 4.0 * 3;
+  const double loss_chunk = std::min(static_cast<double>(r.loss_chunk_tokens), B * T) * static_cast<double>(c.vocab_size) * 4.0 * 3;
   const double acts = (r.gradient_checkpointing ? L * B * T * C * act_b + per_layer : L * per_layer) + scores + loss_chunk;
   const double total = weights + grads + masters + optim + acts;
   return {{"weights_bytes", weights}, {"grads_bytes", grads}, {"masters_bytes", masters},
@@ -101,16 +106,18 @@ void copy_tokenizer_files(const fs::path& from, const fs::path& to) {
 int run_sft(const config::Recipe& recipe, const SftOptions& so) {
   config::validate_for_stage(recipe, "sft");
   const std::string adapter = recipe.adapter.value_or("");
-  if (adapter == "qlora" || recipe.load_in_4bit)
-    fail("adapter: qlora / load_in_4bit (NF4 4-bit base weights) is not implemented yet in llmtune (open item "
-         "\"QLoRA NF4\" in DESIGN.md); use adapter: lora with bf16: true for now");
+
+  // ---- processes: one, or a rank of a launched group (lib/dist through train::Parallel) ----------
+  std::unique_ptr<Parallel> par = so.dry_run ? nullptr : init_parallel(recipe);
+  const int rank = par ? par->rank() : 0, world_size = par ? par->world_size() : 1;
 
   // ---- model and tokenizer ------------------------------------------------------------------
   const fs::path model_dir = io::resolve_model_path(*recipe.base_model);
   const fs::path tok_dir = recipe.tokenizer_config ? io::resolve_model_path(*recipe.tokenizer_config) : model_dir;
   auto tokenizer = tok::Tokenizer::load(tok_dir);
   for (const auto& w : tokenizer->warnings()) log::warn(w);
-  const torch::Device device = torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+  const torch::Device device = par ? par->device()
+                                   : (torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU));
   // bf16: true → bf16 frozen weights (the loop keeps fp32 masters of trainable ones); auto → bf16
   // only where it is fast (CUDA with bf16); fp16 → fp16 + loss scaling; else fp32.
   Precision precision = Precision::fp32;
@@ -122,15 +129,29 @@ int run_sft(const config::Recipe& recipe, const SftOptions& so) {
       precision == Precision::bf16 ? torch::kBFloat16 : (precision == Precision::fp16 ? torch::kHalf : torch::kFloat);
   log::info(fmt::format("sft: base model {} on {} in {}{}", model_dir.string(), device.str(), to_string(precision),
                         precision == Precision::fp32 ? "" : " (trainable weights get fp32 master copies)"));
-  model::LoadOptions lo;
-  lo.device = device;
-  model::Transformer net = model::load_pretrained(model_dir, dtype, lo);
+  model::Transformer net{nullptr};
+  if (recipe.load_in_4bit || recipe.load_in_8bit || quant::checkpoint_quantization(model_dir)) {
+    // QLoRA: frozen 4-bit (or 8-bit) base, quantized one tensor at a time at load (or read as bnb saved it).
+    quant::QuantOptions qo;
+    qo.bits = recipe.load_in_8bit ? quant::QuantOptions::Bits::eight : quant::QuantOptions::Bits::four;
+    qo.type = quant::quant_type_from_string(recipe.bnb_4bit_quant_type, "recipe key bnb_4bit_quant_type");
+    qo.double_quant = recipe.bnb_4bit_use_double_quant;
+    qo.compute_dtype = recipe.bnb_4bit_compute_dtype == "float32"   ? torch::kFloat
+                       : recipe.bnb_4bit_compute_dtype == "float16" ? torch::kHalf
+                                                                    : torch::kBFloat16;
+    net = quant::load_quantized(model_dir, qo, dtype, device);
+  } else {
+    model::LoadOptions lo;
+    lo.device = device;
+    net = model::load_pretrained(model_dir, dtype, lo);
+  }
 
   // ---- adapter / trainable parameters ---------------------------------------------------------
   // lora → fresh LoRA (or lora_model_dir continued); none → full fine-tune (or unfrozen_parameters).
   peft::TrainingSetup setup = peft::prepare_for_training(*net, recipe, static_cast<uint64_t>(recipe.seed));
-  log::info(fmt::format("sft: {} ({})", setup.lora ? "LoRA adapter" : "full fine-tuning",
-                        setup.lora ? fmt::format("r={}, {} modules", setup.lora->r, setup.wrapped.size())
+  log::info(fmt::format("sft: {} ({})", setup.lora ? "LoRA adapter" : (setup.adapter ? "adapter" : "full fine-tuning"),
+                        setup.adapter ? setup.adapter->summary() :
+                        setup.lora ? fmt::format("{}r={}, {} modules", setup.lora->use_dora ? "DoRA, " : "", setup.lora->r, setup.wrapped.size())
                                    : (setup.unfrozen.empty() ? std::string("all parameters")
                                                              : fmt::format("{} unfrozen tensors", setup.unfrozen.size()))));
 
@@ -164,6 +185,8 @@ int run_sft(const config::Recipe& recipe, const SftOptions& so) {
   bo.pad_to_multiple_of = recipe.pad_to_sequence_len ? recipe.sequence_len : 1;
   bo.pad_id = tokenizer->pad_id().value_or(tokenizer->eos_id().value_or(0));
   bo.seed = static_cast<uint64_t>(recipe.seed);
+  bo.rank = rank;  // rank r takes batches r, r + world, ... of the same seeded order (eval too)
+  bo.world_size = world_size;
   data::BatchSource train_src(prepared.train, bo);
   BatchSourceRef<data::BatchSource> train_ref(train_src);
   std::unique_ptr<data::BatchSource> val_src;
@@ -180,13 +203,16 @@ int run_sft(const config::Recipe& recipe, const SftOptions& so) {
   }
 
   // ---- loop options -----------------------------------------------------------------------------
-  TrainOptions topt = train_options_from_recipe(recipe, train_src.batches_per_epoch());
+  TrainOptions topt = train_options_from_recipe(recipe, train_src.batches_per_epoch(), rank, world_size);
   topt.precision = precision;
   topt.progress = so.progress && !so.dry_run;
   if (!so.resume.empty()) topt.resume = so.resume;
   const int64_t accum = std::max<int64_t>(1, topt.gradient_accumulation_steps);
   const int64_t steps_per_epoch = (train_src.batches_per_epoch() + accum - 1) / accum;
   const int64_t total_steps = topt.max_steps > 0 ? topt.max_steps : topt.num_epochs * steps_per_epoch;
+
+  // Eval tasks at each evaluation and TensorBoard files (lib/eval); task files are checked here.
+  auto monitor = eval::monitor_from_recipe(recipe, rank, /*with_tensorboard=*/!so.dry_run);
 
   // ---- dry run: the plan, then stop ------------------------------------------------------------
   const auto stats = peft::parameter_stats(*net);
@@ -197,7 +223,7 @@ int run_sft(const config::Recipe& recipe, const SftOptions& so) {
         {"train_tokens", prepared.summary.train_tokens}, {"train_target_tokens", prepared.summary.train_trained_tokens},
         {"batches_per_epoch", train_src.batches_per_epoch()}, {"steps_per_epoch", steps_per_epoch},
         {"total_steps", total_steps}, {"trainable_params", stats.trainable}, {"total_params", stats.total},
-        {"precision", to_string(precision)}, {"adapter", setup.lora ? "lora" : "full"}, {"memory", mem}};
+        {"precision", to_string(precision)}, {"adapter", setup.lora ? "lora" : (setup.adapter ? setup.adapter->method : "full")}, {"memory", mem}};
     std::string text = fmt::format(
         "plan (dry run, nothing trained):\n"
         "  examples     {} train, {} eval\n  tokens       {} ({} targets)\n"
@@ -216,13 +242,19 @@ int run_sft(const config::Recipe& recipe, const SftOptions& so) {
   // ---- train ------------------------------------------------------------------------------------
   const fs::path out = recipe.output_dir;
   fs::create_directories(out);
-  config::save_resolved(recipe, out);  // early, so a crashed run still documents itself
-  CausalLmObjective objective(*net, device, recipe.gradient_checkpointing);
+  if (rank == 0) config::save_resolved(recipe, out);  // early, so a crashed run still documents itself
+  CausalLmObjective objective(*net, device, recipe.gradient_checkpointing, recipe.loss_chunk_tokens);
   TrainHooks hooks;
   // The loop checkpoints trainable tensors + optimizer itself (and restores them on resume); the
   // adapter / model files make each checkpoint usable on its own (e.g. by peft or generate).
   hooks.save_extra = [&](const fs::path& dir) { peft::save_trained(*net, setup, dir); };
   hooks.should_stop = [](int64_t) { return g_stop.load(); };
+  if (monitor) {
+    hooks.on_log = [&](const nlohmann::json& line) { monitor->log(line); };
+    if (!recipe.eval_tasks.empty())
+      hooks.evaluate_extra = [&](int64_t step) { return monitor->evaluate(*net, *tokenizer, step); };
+  }
+  if (par) par->attach(*net, hooks);  // DDP/ZeRO hooks; should_stop becomes a vote of all ranks
   g_stop.store(false);
   auto previous = std::signal(SIGINT, on_sigint);
   TrainResult result;
@@ -235,6 +267,8 @@ int run_sft(const config::Recipe& recipe, const SftOptions& so) {
   std::signal(SIGINT, previous);
 
   // ---- outputs ------------------------------------------------------------------------------------
+  if (par) par->barrier();  // every rank finished training before rank 0 writes and anyone exits
+  if (rank != 0) return 0;
   peft::save_trained(*net, setup, out);
   copy_tokenizer_files(tok_dir, out);
   log::notice(fmt::format("sft: {} after {} steps{} (last loss {:.4f}{}); {} written to {}",
@@ -242,7 +276,7 @@ int run_sft(const config::Recipe& recipe, const SftOptions& so) {
                           result.resumed_from_step ? fmt::format(", resumed at {}", result.resumed_from_step) : "",
                           result.last_loss,
                           result.last_eval_loss >= 0 ? fmt::format(", eval loss {:.4f}", result.last_eval_loss) : "",
-                          setup.lora ? "adapter_config.json + adapter_model.safetensors"
+                          setup.lora || setup.adapter ? "adapter_config.json + adapter_model.safetensors"
                                      : "config.json + model.safetensors",
                           out.string()));
   return 0;

@@ -122,7 +122,7 @@ struct ParamGroup {
 };
 
 struct OptimizerOptions {
-  std::string name = "adamw";  // "adamw" | "sgd"
+  std::string name = "adamw";  // "adamw" | "adamw_8bit" | "sgd"
   double lr = 2e-4;
   double weight_decay = 0.0;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;       // AdamW
@@ -291,9 +291,38 @@ struct TrainHooks {
   std::function<void(const fs::path& dir)> save_extra;
   std::function<void(const fs::path& dir)> load_extra;
   std::function<void(const StepReport&)> on_step;
+  // Monitoring (llmtune::eval::TrainingMonitor): extra metrics computed at each evaluation (eval mode,
+  // no grad, training RNG restored afterwards; joined to the eval line as "eval_<key>"; evaluation
+  // happens even without eval data when set), and every line appended to metrics.jsonl (rank 0).
+  std::function<std::map<std::string, double>(int64_t step)> evaluate_extra;
+  std::function<void(const nlohmann::json& line)> on_log;
   // Asked after each step; true stops the run (with a checkpoint if save_on_stop), e.g. on SIGINT.
   std::function<bool(int64_t step)> should_stop;
+  // Data parallelism (lib/dist fills these through Parallel::attach; unset = single process):
+  // before each micro-batch's backward, `last` = final micro-batch of the accumulation group (DDP
+  // reduces only then); an optimizer factory (ZeRO shards states); a clip that sees sharded grads.
+  std::function<void(bool last)> before_backward;
+  std::function<std::unique_ptr<Optimizer>(const OptimizerOptions&, std::vector<ParamGroup>)> make_optimizer;
+  std::function<double(const std::vector<torch::Tensor>& params, double max_norm)> clip_gradients;
 };
+
+// The data-parallel seam: lib/dist implements it on c10d, the llmtune binary installs the factory,
+// and stages call init_parallel (before loading the model: it picks the device) and attach (after
+// the adapter is applied: it fills the hooks above and makes should_stop agree across ranks).
+class Parallel {
+ public:
+  virtual ~Parallel() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  virtual int local_rank() const = 0;
+  virtual torch::Device device() const = 0;  // cuda:<local_rank> on NCCL, else CPU
+  virtual void attach(torch::nn::Module& model, TrainHooks& hooks) = 0;
+  virtual void barrier() = 0;
+};
+using ParallelFactory = std::function<std::unique_ptr<Parallel>(const config::Recipe&)>;
+void set_parallel_factory(ParallelFactory factory);
+// nullptr for a single-process run (no factory installed, or no launcher/torchrun/Slurm environment).
+std::unique_ptr<Parallel> init_parallel(const config::Recipe& recipe);
 
 struct TrainResult {
   int64_t steps = 0;            // global step reached

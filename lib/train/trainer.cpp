@@ -137,8 +137,9 @@ TrainResult run_training(torch::nn::Module& model, Objective& objective, BatchSo
     named_masters.emplace_back(t.name, t.master);
     masters.push_back(t.master);
   }
-  auto optimizer = make_optimizer(
-      opt.optimizer, make_param_groups(named_masters, opt.optimizer.weight_decay, opt.optimizer.loraplus_lr_ratio));
+  auto groups = make_param_groups(named_masters, opt.optimizer.weight_decay, opt.optimizer.loraplus_lr_ratio);
+  auto optimizer = hooks.make_optimizer ? hooks.make_optimizer(opt.optimizer, std::move(groups))  // ZeRO
+                                        : make_optimizer(opt.optimizer, std::move(groups));
   LossScaler scaler(opt.precision == Precision::fp16);
 
   // ---- schedule length ----------------------------------------------------------------------
@@ -222,16 +223,19 @@ TrainResult run_training(torch::nn::Module& model, Objective& objective, BatchSo
     torch::Tensor rng = rng_get();  // eval must not shift the training RNG stream
     model.eval();
     double sum = 0, count = 0;
-    std::map<std::string, double> msum;
+    std::map<std::string, double> msum, extra;
     {
       torch::NoGradGuard no_grad;
-      eval_data->set_epoch(0);
-      while (auto b = eval_data->next()) {
-        EvalOutput e = objective.evaluate(*b);
-        sum += e.loss_sum;
-        count += e.count;
-        for (const auto& [k, v] : e.metrics) msum[k] += v * e.count;
+      if (eval_data) {
+        eval_data->set_epoch(0);
+        while (auto b = eval_data->next()) {
+          EvalOutput e = objective.evaluate(*b);
+          sum += e.loss_sum;
+          count += e.count;
+          for (const auto& [k, v] : e.metrics) msum[k] += v * e.count;
+        }
       }
+      if (hooks.evaluate_extra) extra = hooks.evaluate_extra(step);  // eval tasks (lib/eval)
     }
     model.train();
     rng_set(rng);
@@ -239,21 +243,29 @@ TrainResult run_training(torch::nn::Module& model, Objective& objective, BatchSo
     count = reduce(count);
     nlohmann::json line = {{"step", step}, {"epoch", epoch_value()}};
     const double loss = count > 0 ? sum / count : std::nan("");
-    line["eval_loss"] = loss;
-    line["eval_perplexity"] = std::exp(loss);
-    line["eval_targets"] = count;
+    if (eval_data) {
+      line["eval_loss"] = loss;
+      line["eval_perplexity"] = std::exp(loss);
+      line["eval_targets"] = count;
+    }
     for (const auto& [k, v] : msum) line["eval_" + k] = count > 0 ? reduce(v) / count : std::nan("");
+    for (const auto& [k, v] : extra) line["eval_" + k] = v;
     metrics.append(line);
+    if (main_rank && hooks.on_log) hooks.on_log(line);
+    if (!eval_data) return;
     last_eval_loss = loss;
     if (main_rank) log::info(fmt::format("eval at step {}: loss {:.4f}, perplexity {:.3f}", step, loss, std::exp(loss)));
   };
 
   // ---- checkpoint --------------------------------------------------------------------------------
   auto save = [&]() {
+    // Every rank asks for the optimizer state: a sharded (ZeRO) optimizer gathers it collectively.
+    NamedTensors opt_state = optimizer->state_tensors();
+    nlohmann::json opt_scalars = optimizer->state_scalars();
     if (!writes) return;
     detail::CheckpointData d;
     for (const auto& t : trainables) d.trainable.emplace_back(t.name, t.param);
-    d.optimizer = optimizer->state_tensors();
+    d.optimizer = std::move(opt_state);
     for (const auto& t : trainables)
       if (t.has_master) d.optimizer.emplace_back("master." + t.name, t.master);
     d.rng_state = rng_get();
@@ -264,7 +276,7 @@ TrainResult run_training(torch::nn::Module& model, Objective& objective, BatchSo
                {"bad_steps_in_row", bad_in_row}, {"skipped_steps", skipped}, {"last_eval_loss", last_eval_loss},
                {"gradient_accumulation_steps", accum}, {"world_size", opt.world_size},
                {"precision", to_string(opt.precision)}, {"scaler", scaler.state()},
-               {"optimizer", optimizer->state_scalars()}, {"data", train_data.state()},
+               {"optimizer", opt_scalars}, {"data", train_data.state()},
                {"log_window", window.to_json()}, {"trainable", trainable_names}};
     result.last_checkpoint = detail::write_checkpoint(opt.output_dir, step, d, hooks.save_extra);
     detail::rotate_checkpoints(opt.output_dir, opt.save_total_limit);
@@ -318,6 +330,7 @@ TrainResult run_training(torch::nn::Module& model, Objective& objective, BatchSo
       loss_local += out.loss.item<double>();
       for (const auto& [k, v] : out.metrics) msum[k] += v * counts[i];
       mweight += counts[i];
+      if (hooks.before_backward) hooks.before_backward(i + 1 == group.size());  // DDP: reduce on the last only
       (scale != 1.0 ? out.loss * scale : out.loss).backward();
     }
     for (const auto& b : group) tokens_local += static_cast<double>(count_tokens(b));
@@ -339,7 +352,8 @@ TrainResult run_training(torch::nn::Module& model, Objective& objective, BatchSo
       if (hooks.reduce_gradients) hooks.reduce_gradients(grads);
       if (scale != 1.0)
         for (auto& g : grads) g.mul_(1.0 / scale);
-      grad_norm = clip_grad_norm(masters, opt.max_grad_norm);
+      grad_norm = hooks.clip_gradients ? hooks.clip_gradients(masters, opt.max_grad_norm)
+                                       : clip_grad_norm(masters, opt.max_grad_norm);
     }
 
     StepReport rep;
@@ -410,13 +424,14 @@ TrainResult run_training(torch::nn::Module& model, Objective& objective, BatchSo
       for (const auto& [k, v] : window.metric_sum)
         if (!line.contains(k)) line[k] = v / std::max<int64_t>(1, window.steps);
       metrics.append(line);
+      if (main_rank && hooks.on_log) hooks.on_log(line);
       window = LogWindow{};
     }
     if (bar) {
       const double rate = step_time > 0 ? step_tokens / step_time : 0;
       bar->update(1, fmt::format("loss {:.4f} lr {:.2e} {:.0f} tok/s", loss, rep.lr, rate));
     }
-    if (eval_data && opt.eval_steps > 0 && step % opt.eval_steps == 0) evaluate();
+    if ((eval_data || hooks.evaluate_extra) && opt.eval_steps > 0 && step % opt.eval_steps == 0) evaluate();
     bool saved = false;
     if (opt.save_steps > 0 && step % opt.save_steps == 0) {
       save();
@@ -430,7 +445,7 @@ TrainResult run_training(torch::nn::Module& model, Objective& objective, BatchSo
     }
   }
   if (bar) bar->finish();
-  if (!result.stopped_early && eval_data && (opt.eval_steps == 0 || step % opt.eval_steps != 0)) evaluate();
+  if (!result.stopped_early && (eval_data || hooks.evaluate_extra) && (opt.eval_steps == 0 || step % opt.eval_steps != 0)) evaluate();
   if (writes && opt.plot) {
     try {
       write_loss_plot(metrics.path(), opt.output_dir / "loss.svg");

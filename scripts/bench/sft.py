@@ -7,7 +7,10 @@ random weights, bf16 base weights with fp32 LoRA adapters (r 16, alpha 32, all l
 lr 2e-4, micro batch 1 x 512 tokens (every token trained: completion data truncated to 512).
 The tokenizer is the demo model's (ids < 512, a subset of the vocab; speed does not depend on it).
 Each side runs in its own process with the same thread count; the first step (warm-up) is excluded.
-  python scripts/bench/sft.py --bin build/llmtune [--steps 10] [--threads 2] [--small]
+With --repeats N the two sides alternate N times and the median of the per-pair ratios is reported,
+so load from other processes on this shared machine hits both sides alike.
+  python scripts/bench/sft.py --bin build/llmtune [--steps 10] [--threads 2] [--repeats 3] [--small]
+  python scripts/bench/sft.py --chunk-sweep [--micro-batch 4]   # llmtune only: peak RSS vs loss_chunk_tokens
 --small: 2 layers, H 64, 4/2 heads, I 128, vocab 1024, seq 64 (a smoke run).
 """
 import argparse
@@ -94,7 +97,7 @@ def hf_worker(a, model_dir, data):
                       "peak_rss_bytes": rss, "last_loss": float(loss)}))
 
 
-def llmtune_run(a, model_dir, data, work):
+def llmtune_run(a, model_dir, data, work, loss_chunk=None):
     h = hp(a)
     out = os.path.join(work, "llmtune-out")
     shutil.rmtree(out, ignore_errors=True)
@@ -105,6 +108,10 @@ def llmtune_run(a, model_dir, data, work):
               "adapter": "lora", "lora_r": h["r"], "lora_alpha": h["alpha"], "lora_target_linear": True,
               "bf16": True, "output_dir": out, "logging_steps": 1, "save_strategy": "no", "val_set_size": 0,
               "dataset_prepared_path": os.path.join(work, "cache"), "seed": 0}
+    if loss_chunk:
+        recipe["loss_chunk_tokens"] = loss_chunk
+    if a.micro_batch > 1:
+        recipe["micro_batch_size"] = a.micro_batch
     rpath = os.path.join(work, "bench.yaml")
     json.dump(recipe, open(rpath, "w"))
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
@@ -129,6 +136,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="alternate the two sides this many times")
+    ap.add_argument("--micro-batch", type=int, default=1, help="llmtune micro batch (chunk sweep)")
+    ap.add_argument("--chunk-sweep", action="store_true",
+                    help="llmtune only: peak RSS and tokens/s for loss_chunk_tokens = B*T (one chunk), 1024, 256")
     ap.add_argument("--work", default=os.path.join(os.environ.get("LLMTUNE_CACHE", os.path.expanduser("~/.cache/llmtune")),
                                                   "bench-sft"))
     ap.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
@@ -138,20 +149,36 @@ def main():
     model_dir, data = make_assets(a, work)
     if a.hf_worker:
         return hf_worker(a, model_dir, data)
-    rows = [llmtune_run(a, model_dir, data, work)]
+    s = shape(a)
+    if a.chunk_sweep:
+        bt = a.micro_batch * s["seq"]
+        print(f"loss chunking, {s['layers']} layers H {s['hidden']} vocab {s['vocab']}, micro batch "
+              f"{a.micro_batch} x seq {s['seq']}, bf16 LoRA r 16, {a.steps} steps")
+        print(f"{'loss_chunk_tokens':<20}{'tokens/s':>12}{'peak RSS MiB':>15}")
+        for chunk in [bt, 1024, 256]:
+            r = llmtune_run(a, model_dir, data, work, loss_chunk=chunk)
+            print(f"{chunk:<20}{r['tokens_per_s']:>12.1f}{r['peak_rss_bytes'] / 2**20:>15.0f}", flush=True)
+        return
     cmd = [sys.executable, __file__, "--hf-worker", "--steps", str(a.steps), "--threads", str(a.threads),
            "--seq", str(a.seq), "--work", a.work] + (["--small"] if a.small else [])
-    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
-    if p.returncode != 0:
-        sys.exit(f"transformers worker failed:\n{p.stderr[-3000:]}")
-    rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    s = shape(a)
+    runs = {"llmtune": [], "transformers+peft": []}
+    for _ in range(a.repeats):
+        runs["llmtune"].append(llmtune_run(a, model_dir, data, work))
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
+        if p.returncode != 0:
+            sys.exit(f"transformers worker failed:\n{p.stderr[-3000:]}")
+        runs["transformers+peft"].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    ratios = sorted(x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs["llmtune"], runs["transformers+peft"]))
     print(f"LoRA SFT, {s['layers']} layers H {s['hidden']} vocab {s['vocab']}, seq {s['seq']}, bf16, r 16, "
-          f"{a.steps} steps (first excluded), {a.threads} threads")
-    print(f"{'impl':<20}{'tokens/s':>12}{'peak RSS MiB':>15}{'last loss':>12}")
-    for r in rows:
-        print(f"{r['impl']:<20}{r['tokens_per_s']:>12.1f}{r['peak_rss_bytes'] / 2**20:>15.0f}{r['last_loss']:>12.4f}")
-
+          f"{a.steps} steps (first excluded), {a.threads} threads, {a.repeats} alternating repeat(s)")
+    print(f"{'impl':<20}{'tokens/s (median)':>19}{'peak RSS MiB':>15}{'last loss':>12}")
+    for name, rs in runs.items():
+        med = sorted(r["tokens_per_s"] for r in rs)[len(rs) // 2]
+        rss = max(r["peak_rss_bytes"] for r in rs)
+        print(f"{name:<20}{med:>19.1f}{rss / 2**20:>15.0f}{rs[-1]['last_loss']:>12.4f}")
+    rss_ratio = max(r["peak_rss_bytes"] for r in runs["llmtune"]) / max(r["peak_rss_bytes"] for r in runs["transformers+peft"])
+    print(f"llmtune / transformers+peft: tokens/s x{ratios[len(ratios) // 2]:.2f} (per-pair ratios "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}), peak RSS x{rss_ratio:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@ loss (loss is a sum over target tokens / their count, so packing must not change
 (d) with train_on_inputs false the target-token count equals an independent count from
 transformers' apply_chat_template + the tokenizer's offsets (assistant content + its <|im_end|>);
 (e) a malformed JSONL line exits 1 naming file:line, an unknown key gets a did-you-mean,
-adapter: qlora is refused clearly; plus recipes/ci-tiny-sft.yaml: --dry-run plan, then a real run
+adapter: qlora without load_in_4bit is refused clearly; plus recipes/ci-tiny-sft.yaml: --dry-run plan, then a real run
 (full fine-tune output files) and a SIGINT stop that leaves a checkpoint."""
 import json
 import os
@@ -88,7 +88,7 @@ typo = base_recipe(base, data, os.path.join(work, "typo"))
 typo["learning_rte"] = typo.pop("learning_rate")
 expect_error(["sft", write_recipe(os.path.join(work, "typo.yaml"), typo)], "learning_rte", "learning_rate")
 expect_error(["sft", write_recipe(os.path.join(work, "q.yaml"), base_recipe(base, data, os.path.join(work, "q"))),
-              "--set", "adapter=qlora", "--set", "load_in_4bit=true"], "qlora", "not implemented")
+              "--set", "adapter=qlora"], "qlora", "needs `load_in_4bit: true`")
 
 # recipes/ci-tiny-sft.yaml: dry run, a full fine-tune run, outputs.
 ci = os.path.join(SOURCE, "recipes", "ci-tiny-sft.yaml")
