@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""Deterministic data for the embedded default model, from Debian packages (public domain or
+permissive; licences recorded in OUT/LICENSES.json):
+
+  corpus/   pretraining text: King James Bible (bible-kjv), Jargon File (jargon-text), Devil's
+            Dictionary (dict-devil); one paragraph per document, held-out tail in corpus_test/
+  sft_{train,test}.jsonl    chat examples {"messages": [...], "category", "source"}:
+            bsdgames quiz pairs ("What is the capital of Algeria?" -> "Algiers"), fortune riddles,
+            WordNet glosses ("Define 'X'." -> gloss)
+  pref_{train,test}.jsonl   {"prompt": [user message], "chosen", "rejected", "category"}: rejected is
+            another item's answer from the same category (a hard negative)
+
+Usage: scripts/data/make_data.py --out DIR [--max-wordnet N] [--test-fraction 0.1]
+Needs: apt-get install bible-kjv jargon-text dict-devil wordnet-base bsdgames fortunes-min
+Every source file is pinned by sha256 (a changed upstream fails loudly). Idempotent: skips work
+whose output exists (delete DIR to rebuild). Deterministic: splits by a hash of the prompt."""
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+QUIZ = "/usr/share/games/bsdgames/quiz"
+FORTUNES = "/usr/share/games/fortunes"
+WORDNET = "/usr/share/wordnet"
+
+# sha256 of every file read (Debian bookworm versions); --no-verify skips the check.
+PINS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pins.json")
+
+LICENSES = {
+    "bible-kjv": "King James Version text: public domain (Debian package bible-kjv, copyright file /usr/share/doc/bible-kjv/copyright)",
+    "jargon-text": "The Jargon File 4.4.7: public domain (/usr/share/doc/jargon-text/copyright)",
+    "dict-devil": "Ambrose Bierce, The Devil's Dictionary (1911): public domain (/usr/share/doc/dict-devil/copyright)",
+    "bsdgames": "quiz data files from BSD games: BSD licence (/usr/share/doc/bsdgames/copyright)",
+    "fortunes-min": "fortune riddles: BSD licence / public domain (/usr/share/doc/fortunes-min/copyright)",
+    "wordnet-base": "WordNet 3.0, Princeton University: WordNet licence (permissive, keep the notice; /usr/share/doc/wordnet-base/copyright)",
+}
+
+# quiz file -> (question template, answer column, question column, category). Columns per quiz/index.
+QUIZ_TASKS = [
+    ("africa", "What is the capital of {q}?", 1, 0, "capital"),
+    ("america", "What is the capital of {q}?", 1, 0, "capital"),
+    ("asia", "What is the capital of {q}?", 1, 0, "capital"),
+    ("europe", "What is the capital of {q}?", 1, 0, "capital"),
+    ("province", "What is the capital of {q}?", 1, 0, "capital"),
+    ("state", "What is the capital of {q}?", 1, 0, "capital"),
+    ("state", "What is the state flower of {q}?", 3, 0, "state_flower"),
+    ("elements", "Which chemical element has the symbol {q}?", 3, 0, "element_name"),
+    ("elements", "What is the chemical symbol of {q}?", 0, 3, "element_symbol"),
+    ("elements", "What is the atomic number of {q}?", 1, 3, "atomic_number"),
+    ("babies", "What is a baby {q} called?", 0, 1, "baby_animal"),
+    ("collectives", "What is a group of {q} called?", 1, 0, "collective"),
+    ("sexes", "What is the female counterpart of a {q}?", 1, 0, "female"),
+    ("latin", "What does the Latin word '{q}' mean?", 1, 0, "latin"),
+    ("greek", "What does the Greek letter or word '{q}' mean?", 1, 0, "greek"),
+    ("murders", "Who killed {q}?", 1, 0, "killer"),
+    ("pres", "Who succeeded {q} as president?", 3, 0, "successor"),
+]
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+class Pins:
+    def __init__(self, verify, record):
+        self.verify, self.record = verify, record
+        self.pins = json.load(open(PINS_FILE)) if os.path.exists(PINS_FILE) else {}
+        self.used = {}
+
+    def check(self, path):
+        d = sha256(path)
+        self.used[path] = d
+        if self.record:
+            self.pins[path] = d
+        elif self.verify and self.pins.get(path) != d:
+            sys.exit(f"make_data: {path} has sha256 {d}, pinned {self.pins.get(path)}; the Debian package changed. "
+                     f"Check the new data, then re-pin with --record-pins")
+        return path
+
+    def save(self):
+        if self.record:
+            json.dump(dict(sorted(self.pins.items())), open(PINS_FILE, "w"), indent=1)
+
+
+def need(path, pkg):
+    if not os.path.exists(path):
+        sys.exit(f"make_data: {path} is missing; install the Debian package: apt-get install {pkg}")
+
+
+def canonical(s):
+    """First alternative of the quiz syntax: a|b -> a, {x} -> x (optional text kept), [a|b] -> a."""
+    def first(alts):
+        depth, cur = 0, ""
+        for ch in alts:
+            if ch in "{[":
+                depth += 1
+            elif ch in "}]":
+                depth -= 1
+            if ch == "|" and depth == 0:
+                return cur
+            cur += ch
+        return cur
+    s = first(s)
+    while True:
+        m = re.search(r"[\{\[]([^\{\}\[\]]*)[\}\]]", s)
+        if not m:
+            break
+        s = s[:m.start()] + first(m.group(1)) + s[m.end():]
+    return s.replace("\\", "").strip()
+
+
+def quiz_items(pins):
+    items = []
+    for fname, template, ans_col, q_col, cat in QUIZ_TASKS:
+        path = os.path.join(QUIZ, fname)
+        need(path, "bsdgames")
+        pins.check(path)
+        for line in open(path, encoding="latin-1"):
+            line = line.rstrip("\n")
+            if not line or line.startswith("#"):
+                continue
+            cols = re.split(r"(?<!\\):", line)
+            if len(cols) <= max(ans_col, q_col):
+                continue
+            q, a = canonical(cols[q_col]), canonical(cols[ans_col])
+            if q and a:
+                items.append({"category": cat, "source": f"bsdgames:quiz/{fname}", "prompt": template.format(q=q), "answer": a})
+    return items
+
+
+def riddle_items(pins):
+    path = os.path.join(FORTUNES, "riddles")
+    need(path, "fortunes-min")
+    pins.check(path)
+    items = []
+    for block in open(path, encoding="utf-8", errors="replace").read().split("\n%\n"):
+        # Q: and A: in either order (the "questions for the great answers" put A: first).
+        fields = dict((k, " ".join(v.split())) for k, v in re.findall(r"^([QA]):\s*(.*?)(?=^[QA]:|\Z)", block, re.S | re.M))
+        q, a = fields.get("Q", ""), fields.get("A", "")
+        if q and a:
+            items.append({"category": "riddle", "source": "fortunes-min:riddles", "prompt": q, "answer": a})
+    return items
+
+
+def wordnet_items(pins, max_items):
+    items = []
+    for pos, name in (("noun", "noun"), ("verb", "verb"), ("adj", "adjective"), ("adv", "adverb")):
+        index, data = os.path.join(WORDNET, f"index.{pos}"), os.path.join(WORDNET, f"data.{pos}")
+        need(data, "wordnet-base")
+        pins.check(index)
+        pins.check(data)
+        glosses = {}
+        with open(data, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  ") or "|" not in line:
+                    continue
+                off = line.split(" ", 1)[0]
+                gloss = line.split("|", 1)[1].strip()
+                gloss = gloss.split('; "')[0].split(';  "')[0].strip().rstrip(";").strip()
+                glosses[off] = gloss
+        with open(index, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  "):
+                    continue
+                parts = line.split()
+                lemma = parts[0]
+                if not re.fullmatch(r"[a-z]{3,}", lemma):
+                    continue
+                n_synsets = int(parts[2])
+                first_sense = parts[-n_synsets]  # offsets are listed most frequent sense first
+                g = glosses.get(first_sense)
+                if g:
+                    items.append({"category": f"define_{name}", "source": f"wordnet-base:{pos}",
+                                  "prompt": f"Define '{lemma}'.", "answer": g[0].upper() + g[1:] + ("" if g.endswith(".") else ".")})
+    # A deterministic subset: smallest prompt hashes (independent of file order).
+    items.sort(key=lambda it: hashlib.sha256(it["prompt"].encode()).hexdigest())
+    return items[:max_items]
+
+
+def split_of(prompt, test_fraction):
+    h = int(hashlib.sha256(("split:" + prompt).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if h < test_fraction else "train"
+
+
+def preference_pairs(items, seed):
+    """Rejected = the answer of another item of the same category (different text)."""
+    by_cat = {}
+    for it in items:
+        by_cat.setdefault(it["category"], []).append(it)
+    rng = random.Random(seed)
+    pairs = []
+    for cat in sorted(by_cat):
+        group = by_cat[cat]
+        answers = sorted({it["answer"] for it in group})
+        if len(answers) < 2:
+            continue
+        for it in group:
+            other = it["answer"]
+            while other == it["answer"]:
+                other = answers[rng.randrange(len(answers))]
+            pairs.append({"prompt": [{"role": "user", "content": it["prompt"]}], "chosen": it["answer"],
+                          "rejected": other, "category": cat, "source": it["source"]})
+    return pairs
+
+
+def corpus(pins, out, test_fraction):
+    """Pretraining text: one paragraph per document, blank-line separated; the last test_fraction of
+    each source's documents goes to corpus_test/ (held out for perplexity)."""
+    docs = {}
+    need("/usr/bin/bible", "bible-kjv")
+    need("/usr/lib/bible.data", "bible-kjv-text")
+    pins.check("/usr/lib/bible.data")
+    text = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+    # Chapters as documents: a verse line starts with "Book C:V"; group by chapter.
+    chapters, cur, key = [], [], None
+    for line in text.splitlines():
+        m = re.match(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$", line)
+        if m:
+            k = (m.group(1), m.group(2))
+            if k != key and cur:
+                chapters.append(" ".join(cur))
+                cur = []
+            key = k
+            cur.append(m.group(4).strip())
+        elif line.strip() and cur:
+            cur.append(line.strip())
+    if cur:
+        chapters.append(" ".join(cur))
+    docs["bible-kjv"] = chapters
+    jargon = "/usr/share/doc/jargon-text/jargon.txt.gz"
+    need(jargon, "jargon-text")
+    pins.check(jargon)
+    paras = gzip.open(jargon, "rt", encoding="latin-1").read().split("\n\n")
+    docs["jargon-text"] = [" ".join(p.split()) for p in paras if len(p.split()) >= 8]
+    devil = "/usr/share/dictd/devil.dict.dz"
+    need(devil, "dict-devil")
+    pins.check(devil)
+    entries = re.split(r"\n(?=[A-Z][A-Z' -]+, [a-z.]+)", gzip.open(devil, "rt", encoding="latin-1").read())
+    docs["dict-devil"] = [" ".join(e.split()) for e in entries if len(e.split()) >= 8]
+    os.makedirs(os.path.join(out, "corpus"), exist_ok=True)
+    os.makedirs(os.path.join(out, "corpus_test"), exist_ok=True)
+    counts = {}
+    for name, ds in docs.items():
+        n_test = max(1, int(len(ds) * test_fraction))
+        train, test = ds[:-n_test], ds[-n_test:]
+        for sub, part in (("corpus", train), ("corpus_test", test)):
+            with open(os.path.join(out, sub, f"{name}.txt"), "w") as f:
+                f.write("\n\n".join(part) + "\n")
+        counts[name] = {"train_documents": len(train), "test_documents": len(test),
+                        "train_bytes": sum(len(d) for d in train)}
+    return counts
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("LLMTUNE_DATA", "build/data"))
+    ap.add_argument("--max-wordnet", type=int, default=20000)
+    ap.add_argument("--test-fraction", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--no-corpus", action="store_true", help="only the SFT/preference files")
+    ap.add_argument("--no-verify", action="store_true", help="do not check the sha256 pins")
+    ap.add_argument("--record-pins", action="store_true", help="write the current sha256 of every source to pins.json")
+    a = ap.parse_args()
+    out = a.out
+    manifest = os.path.join(out, "LICENSES.json")
+    if os.path.exists(manifest) and not a.record_pins:
+        print(f"make_data: {out} is complete (delete it to rebuild)")
+        return
+    os.makedirs(out, exist_ok=True)
+    pins = Pins(verify=not a.no_verify, record=a.record_pins)
+    items = quiz_items(pins) + riddle_items(pins) + wordnet_items(pins, a.max_wordnet)
+    # One example per prompt (first wins) so a held-out prompt never appears in training.
+    seen, uniq = set(), []
+    for it in items:
+        if it["prompt"] not in seen:
+            seen.add(it["prompt"])
+            uniq.append(it)
+    stats = {"sft": {}, "pref": {}}
+    for split in ("train", "test"):
+        part = [it for it in uniq if split_of(it["prompt"], a.test_fraction) == split]
+        with open(os.path.join(out, f"sft_{split}.jsonl"), "w") as f:
+            for it in part:
+                f.write(json.dumps({"messages": [{"role": "user", "content": it["prompt"]},
+                                                 {"role": "assistant", "content": it["answer"]}],
+                                    "category": it["category"], "source": it["source"]}) + "\n")
+        pairs = preference_pairs(part, a.seed + (split == "test"))
+        with open(os.path.join(out, f"pref_{split}.jsonl"), "w") as f:
+            for p in pairs:
+                f.write(json.dumps(p) + "\n")
+        stats["sft"][split] = len(part)
+        stats["pref"][split] = len(pairs)
+    if not a.no_corpus:
+        stats["corpus"] = corpus(pins, out, a.test_fraction)
+    pins.save()
+    json.dump({"licenses": LICENSES, "files_sha256": pins.used, "counts": stats,
+               "categories": sorted({it["category"] for it in uniq})}, open(manifest, "w"), indent=1)
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()
