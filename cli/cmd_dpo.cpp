@@ -3,34 +3,20 @@
 // simpo | orpo | kto) from an Axolotl-style recipe; the stage itself is align::run_dpo.
 #include "align/align.h"
 #include "cli/commands.h"
+#include "cli/stage_args.h"
 #include "config/config.h"
 #include "core/core.h"
 
 namespace llmtune::cli {
 
 RunFn setup_dpo(CLI::App& app) {
-  struct Opts {
-    std::string path;
-    std::vector<std::string> sets;
-    std::string resume;
-    bool dry_run = false;
-    bool no_progress = false;
-  };
-  auto o = std::make_shared<Opts>();
-  app.add_option("recipe", o->path, "Recipe (.yaml) with rl: dpo | ipo | simpo | orpo | kto")->required();
-  app.add_option("--set", o->sets, "Override a recipe key: --set key=value (repeatable)");
-  app.add_option("--resume", o->resume, "Continue from a checkpoint: `auto` (newest in output_dir) or a checkpoint dir");
-  app.add_flag("--dry-run", o->dry_run, "Load the model and data, print the counts and the plan; no training");
-  app.add_flag("--no-progress", o->no_progress, "No progress bar");
-  return [o]() {
-    auto recipe = config::load_recipe(o->path, o->sets);
+  auto a = add_stage_args(app, "Recipe (.yaml) with rl: dpo | ipo | simpo | orpo | kto",
+                          "Load the model and data, print the counts and the plan; no training");
+  return [a]() {
+    auto recipe = a->load_recipe("dpo");
     if (!recipe.rl) recipe.rl = "dpo";  // `llmtune dpo` without rl: means DPO (sigmoid)
     if (*recipe.rl == "dpo" && !recipe.dpo_loss_type) recipe.dpo_loss_type = "sigmoid";
-    align::StageOptions so;
-    so.resume = o->resume;
-    so.dry_run = o->dry_run;
-    so.progress = !o->no_progress;
-    return align::run_dpo(recipe, so);
+    return align::run_dpo(recipe, a->stage_options());
   };
 }
 

@@ -6,6 +6,7 @@
 
 #include "align/align.h"
 #include "cli/commands.h"
+#include "cli/stage_args.h"
 #include "config/config.h"
 #include "core/core.h"
 #include "tokenizer/tokenizer.h"
@@ -52,37 +53,25 @@ int score_pairs(const std::string& model_dir, const std::string& data, const std
 }  // namespace
 
 RunFn setup_reward(CLI::App& app) {
-  struct Opts {
-    std::string path;
-    std::vector<std::string> sets;
-    std::string resume;
-    bool dry_run = false;
-    bool no_progress = false;
-    std::string score_model, score_data, chat_template;
+  struct ScoreOpts {
+    std::string model, data, chat_template;
     int64_t batch_size = 8;
   };
-  auto o = std::make_shared<Opts>();
-  app.add_option("recipe", o->path, "Recipe (.yaml) with preference pairs (prompt/chosen/rejected)");
-  app.add_option("--set", o->sets, "Override a recipe key: --set key=value (repeatable)");
-  app.add_option("--resume", o->resume, "Continue from a checkpoint: `auto` (newest in output_dir) or a checkpoint dir");
-  app.add_flag("--dry-run", o->dry_run, "Load the model and data, print the counts and the plan; no training");
-  app.add_flag("--no-progress", o->no_progress, "No progress bar");
-  app.add_option("--score", o->score_model, "Instead of training: score the pairs of --data with this reward model dir");
-  app.add_option("--data", o->score_data, "With --score: a .jsonl/.json/.csv of prompt/chosen/rejected records");
-  app.add_option("--chat-template", o->chat_template, "With --score: chat template for message lists (default: the tokenizer's)");
-  app.add_option("--batch-size", o->batch_size, "With --score: pairs per forward pass")->check(CLI::PositiveNumber);
-  return [o]() {
-    if (!o->score_model.empty()) {
-      if (o->score_data.empty()) fail("llmtune reward --score MODEL needs --data FILE (preference pairs to score)");
-      return score_pairs(o->score_model, o->score_data, o->chat_template, o->batch_size);
+  auto a = add_stage_args(app, "Recipe (.yaml) with preference pairs (prompt/chosen/rejected)",
+                          "Load the model and data, print the counts and the plan; no training",
+                          /*recipe_required=*/false);
+  auto s = std::make_shared<ScoreOpts>();
+  app.add_option("--score", s->model, "Instead of training: score the pairs of --data with this reward model dir");
+  app.add_option("--data", s->data, "With --score: a .jsonl/.json/.csv of prompt/chosen/rejected records");
+  app.add_option("--chat-template", s->chat_template, "With --score: chat template for message lists (default: the tokenizer's)");
+  app.add_option("--batch-size", s->batch_size, "With --score: pairs per forward pass")->check(CLI::PositiveNumber);
+  return [a, s]() {
+    if (!s->model.empty()) {
+      if (s->data.empty()) fail("llmtune reward --score MODEL needs --data FILE (preference pairs to score)");
+      return score_pairs(s->model, s->data, s->chat_template, s->batch_size);
     }
-    if (o->path.empty()) fail("llmtune reward needs a recipe (or --score MODEL --data FILE)");
-    auto recipe = config::load_recipe(o->path, o->sets);
-    align::StageOptions so;
-    so.resume = o->resume;
-    so.dry_run = o->dry_run;
-    so.progress = !o->no_progress;
-    return align::run_reward(recipe, so);
+    if (a->recipe_path.empty()) fail("llmtune reward needs a recipe (or --score MODEL --data FILE)");
+    return align::run_reward(a->load_recipe("reward"), a->stage_options());
   };
 }
 

@@ -300,11 +300,7 @@ class RewardObjective : public train::Objective {
 // Stages (the `llmtune reward` and `llmtune dpo` subcommands)
 // =============================================================================================
 
-struct StageOptions {
-  std::string resume;    // "" = recipe's keys; "auto"; or a checkpoint dir
-  bool dry_run = false;  // load data, print counts and the plan, no training
-  bool progress = true;
-};
+using train::StageOptions;  // resume, dry_run (load data, print counts and the plan), progress
 int run_reward(const config::Recipe& recipe, const StageOptions& options = {});
 int run_dpo(const config::Recipe& recipe, const StageOptions& options = {});
 

@@ -228,11 +228,8 @@ inline int64_t windows_in(int64_t num_tokens, int64_t sequence_len) { return num
 
 // ---------------------------------------------------------------------------------------------
 // The stage.
-struct PretrainOptions {
-  std::string resume;         // "" = recipe keys; "auto"; or a checkpoint dir
-  bool dry_run = false;       // build/verify the cache, print the plan; no training
-  bool progress = true;
-};
+// dry_run builds/verifies the token cache and prints the plan without training.
+using PretrainOptions = train::StageOptions;
 // `llmtune pretrain`: model from base_model (continued pretraining) or random init (random_init_weights,
 // shape from base_model_config / base_model's config.json / model_config), tokenizer from tokenizer_config
 // or base_model, data from pretraining_dataset (or datasets), causal-LM loss on every token, full

@@ -103,7 +103,7 @@ void copy_tokenizer_files(const fs::path& from, const fs::path& to) {
 
 }  // namespace
 
-int run_sft(const config::Recipe& recipe, const SftOptions& so) {
+int run_sft(const config::Recipe& recipe, const StageOptions& so) {
   config::validate_for_stage(recipe, "sft");
   const std::string adapter = recipe.adapter.value_or("");
 
