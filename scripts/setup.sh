@@ -13,7 +13,7 @@ mkdir -p "$cache"
 
 debs=(build-essential cmake ninja-build ccache pkg-config libyaml-cpp-dev libcli11-dev
       libsentencepiece-dev sentencepiece nlohmann-json3-dev catch2 libfmt-dev
-      libcurl4-openssl-dev libicu-dev python3-venv)
+      libcurl4-openssl-dev libicu-dev libcld2-0 python3-venv)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
