@@ -8,6 +8,7 @@ SentencePiece); greedy generation of the f16 file in llama.cpp equals `llmtune g
 --adapter merges a PEFT LoRA before export. Tolerances are stated next to each check."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -236,7 +237,8 @@ def main():
 
     print(f"gguf parity: {len(failures)} failed")
     if failures:
-        sys.exit(1)
+        sys.exit(f"gguf files kept for inspection in {tmp}")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
