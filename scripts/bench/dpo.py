@@ -24,33 +24,16 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import sft as base_bench  # noqa: E402  (make_model, model_shape)
 
 
 def shape(a):
-    if a.small:
-        return dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=1024)
-    return dict(layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536, vocab=49152)
+    return base_bench.model_shape(a.small)
 
 
 def make_assets(a, work):
-    s = shape(a)
-    model_dir = os.path.join(work, "model")
-    demo = os.path.join(work, "demo")
-    subprocess.run([sys.executable, os.path.join(SOURCE, "scripts", "make_demo_model.py"), "--out", demo],
-                   check=True, capture_output=True)
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-                          num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                          num_key_value_heads=s["kv_heads"], rope_theta=100000.0, tie_word_embeddings=True,
-                          rms_norm_eps=1e-5, max_position_embeddings=8192, bos_token_id=0, eos_token_id=2,
-                          pad_token_id=0)
-        LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(model_dir, safe_serialization=True)
-        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
-            if os.path.exists(os.path.join(demo, f)):
-                shutil.copy(os.path.join(demo, f), model_dir)
+    model_dir, demo = base_bench.make_model(shape(a), work)
     rng = random.Random(0)
     words = open(os.path.join(demo, "corpus.txt")).read().split()
     data = os.path.join(work, "pairs.jsonl")
@@ -84,7 +67,8 @@ def trl_worker(a, model_dir, data):
 
     cfg = DPOConfig(output_dir=os.path.join(os.path.dirname(data), "trl-out"), per_device_train_batch_size=1,
                     gradient_accumulation_steps=1, max_steps=a.steps, learning_rate=1e-5, lr_scheduler_type="cosine",
-                    warmup_ratio=0.1, beta=0.1, loss_type="sigmoid", logging_steps=1, save_strategy="no", report_to=[],
+                    warmup_steps=0.1,  # transformers 5: a float < 1 is a ratio (warmup_ratio is gone)
+                    beta=0.1, loss_type="sigmoid", logging_steps=1, save_strategy="no", report_to=[],
                     bf16=False, use_cpu=True, seed=0, max_length=1024, dataloader_num_workers=0,
                     remove_unused_columns=False)
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()],

@@ -27,15 +27,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.dirname(os.path.dirname(HERE))
 
 
+def model_shape(small):
+    """SmolLM-135M's dimensions (or the --small smoke shape); shared by the other benchmarks."""
+    if small:
+        return dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=1024)
+    return dict(layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536, vocab=49152)
+
+
 def shape(a):
-    if a.small:
-        return dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=1024, seq=64)
-    return dict(layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536, vocab=49152, seq=a.seq)
+    return dict(model_shape(a.small), seq=64 if a.small else a.seq)
 
 
-def make_assets(a, work):
-    """Random model (saved by transformers) + demo tokenizer files + completion JSONL."""
-    s = shape(a)
+def make_model(s, work):
+    """A random bf16 Llama of shape `s` saved by transformers in work/model, with the demo model's
+    tokenizer files (made in work/demo). Returns (model_dir, demo_dir); reused when present."""
     model_dir = os.path.join(work, "model")
     demo = os.path.join(work, "demo")
     subprocess.run([sys.executable, os.path.join(SOURCE, "scripts", "make_demo_model.py"), "--out", demo],
@@ -53,6 +58,13 @@ def make_assets(a, work):
         for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
             if os.path.exists(os.path.join(demo, f)):
                 shutil.copy(os.path.join(demo, f), model_dir)
+    return model_dir, demo
+
+
+def make_assets(a, work):
+    """Random model (saved by transformers) + demo tokenizer files + completion JSONL."""
+    s = shape(a)
+    model_dir, demo = make_model(s, work)
     rng = random.Random(0)
     words = open(os.path.join(demo, "corpus.txt")).read().split()
     data = os.path.join(work, "data.jsonl")
