@@ -116,7 +116,9 @@ nlohmann::json describe_checkpoint(const fs::path& dir) {
       std::string text((std::istreambuf_iterator<char>(in)), {});
       files[name] = {{"bytes", text.size()}, {"fnv1a", fmt::format("{:016x}", fnv1a(text))}};
     } else if (name.ends_with(".safetensors")) {
-      const auto mtime = std::chrono::duration_cast<std::chrono::seconds>(fs::last_write_time(e.path()).time_since_epoch()).count();
+      // Seconds since the Unix epoch (file_clock's own epoch is not the Unix one).
+      const auto mtime = std::chrono::duration_cast<std::chrono::seconds>(
+          std::chrono::file_clock::to_sys(fs::last_write_time(e.path())).time_since_epoch()).count();
       files[name] = {{"bytes", fs::file_size(e.path())}, {"mtime", mtime}};
     }
   }

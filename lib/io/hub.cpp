@@ -12,6 +12,7 @@
 #include <cctype>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -571,6 +572,15 @@ fs::path resolve_model_path(const std::string& model, const HubOptions& options)
   std::error_code ec;
   fs::path p = model;
   if (model.rfind("~/", 0) == 0) p = home_dir() / model.substr(2);
+  if (model == "default" && !fs::exists(p, ec)) {
+    // The embedded default base model (models/default, built by scripts/make_default_model.sh).
+    const char* env = std::getenv("LLMTUNE_DEFAULT_MODEL");
+    fs::path dir = env && *env ? fs::path(env) : fs::path(LLMTUNE_DEFAULT_MODEL_DIR);
+    if (!fs::exists(dir / "config.json", ec))
+      fail("the default model is not at {} (config.json missing); set LLMTUNE_DEFAULT_MODEL or rebuild it with "
+           "scripts/make_default_model.sh", dir.string());
+    return dir;
+  }
   if (fs::exists(p, ec)) {
     if (fs::is_directory(p, ec)) return p;
     fail("{} is a file; the model must be a directory holding config.json and the weights, or a hub id", model);

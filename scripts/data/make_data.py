@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import unicodedata
 import subprocess
 import sys
 
@@ -118,6 +119,21 @@ def canonical(s):
     return s.replace("\\", "").strip()
 
 
+# Quiz files spell accented letters as typewriter overstrikes: "'", backspace, "e" (or "e", backspace, "'").
+OVERSTRIKE_ACCENTS = {"'": "\u0301", "`": "\u0300", "^": "\u0302", '"': "\u0308", "~": "\u0303", ",": "\u0327"}
+
+
+def resolve_overstrikes(s):
+    """'\be -> é: an accent struck over a letter (either order) becomes the precomposed letter."""
+    def compose(m):
+        a, b = m.group(1), m.group(2)
+        accent, letter = (a, b) if a in OVERSTRIKE_ACCENTS else (b, a)
+        if accent not in OVERSTRIKE_ACCENTS:
+            return letter
+        return unicodedata.normalize("NFC", letter + OVERSTRIKE_ACCENTS[accent])
+    return re.sub(r"(.)\x08(.)", compose, s)
+
+
 def quiz_items(pins):
     items = []
     for fname, template, ans_col, q_col, cat in QUIZ_TASKS:
@@ -125,7 +141,7 @@ def quiz_items(pins):
         need(path, "bsdgames")
         pins.check(path)
         for line in open(path, encoding="latin-1"):
-            line = line.rstrip("\n")
+            line = resolve_overstrikes(line.rstrip("\n"))
             if not line or line.startswith("#"):
                 continue
             cols = re.split(r"(?<!\\):", line)
@@ -210,6 +226,54 @@ def preference_pairs(items, seed):
             pairs.append({"prompt": [{"role": "user", "content": it["prompt"]}], "chosen": it["answer"],
                           "rejected": other, "category": cat, "source": it["source"]})
     return pairs
+
+
+def quiz_files(items, out, test_fraction, seed):
+    """The bsdgames quiz items alone (short factual answers, no WordNet glosses or riddles):
+    sft_quiz_{train,test}.jsonl for a quick SFT, pref_quiz_{train,test}.jsonl for DPO, and `llmtune eval` tasks in tasks/:
+      quiz_taught     generation, exact match, on 200 training questions (did SFT teach the facts?)
+      quiz_held_out   generation, exact match, on every held-out question (did it generalise?)
+      quiz_taught_mc  multiple choice on the same 200 training questions: the gold answer and three
+                      answers of other items of the same category (chance = 25%)."""
+    quiz = [it for it in items if it["source"].startswith("bsdgames:")]
+    parts = {split: [it for it in quiz if split_of(it["prompt"], test_fraction) == split] for split in ("train", "test")}
+    def chat(it):
+        return {"messages": [{"role": "user", "content": it["prompt"]}, {"role": "assistant", "content": it["answer"]}],
+                "category": it["category"], "source": it["source"]}
+    for split, part in parts.items():
+        with open(os.path.join(out, f"sft_quiz_{split}.jsonl"), "w") as f:
+            for it in part:
+                f.write(json.dumps(chat(it)) + "\n")
+        with open(os.path.join(out, f"pref_quiz_{split}.jsonl"), "w") as f:
+            for pair in preference_pairs(part, seed + (split == "test")):
+                f.write(json.dumps(pair) + "\n")
+    rng = random.Random(seed + 7)
+    taught = rng.sample(parts["train"], min(200, len(parts["train"])))
+    answers = {}
+    for it in quiz:
+        answers.setdefault(it["category"], set()).add(it["answer"])
+    tasks = os.path.join(out, "tasks")
+    os.makedirs(tasks, exist_ok=True)
+    gen_yaml = ("# {what}\ntask: {name}\ntype: generate\ndata: {name}.jsonl\nmessages_field: messages\n"
+                "scoring: exact_match\nmax_new_tokens: 12\n")
+    for name, rows, what in (("quiz_taught", taught, "200 quiz questions from sft_quiz_train.jsonl"),
+                             ("quiz_held_out", parts["test"], "every quiz question of sft_quiz_test.jsonl")):
+        with open(os.path.join(tasks, name + ".jsonl"), "w") as f:
+            for it in rows:
+                f.write(json.dumps(chat(it)) + "\n")
+        open(os.path.join(tasks, name + ".yaml"), "w").write(gen_yaml.format(name=name, what=what))
+    with open(os.path.join(tasks, "quiz_taught_mc.jsonl"), "w") as f:
+        for it in taught:
+            others = sorted(answers[it["category"]] - {it["answer"]})
+            choices = rng.sample(others, min(3, len(others))) + [it["answer"]]
+            rng.shuffle(choices)
+            f.write(json.dumps({"question": "Question: " + it["prompt"] + "\nAnswer:", "choices": choices,
+                                "label": choices.index(it["answer"])}) + "\n")
+    open(os.path.join(tasks, "quiz_taught_mc.yaml"), "w").write(
+        "# The 200 questions of quiz_taught as multiple choice (gold + 3 answers of the same category)\n"
+        "task: quiz_taught_mc\ntype: multiple_choice\ndata: quiz_taught_mc.jsonl\ncontext_field: question\n"
+        "choices_field: choices\ngold_field: label\nnum_fewshot: 0\ntarget_delimiter: \" \"\n")
+    return {"train": len(parts["train"]), "test": len(parts["test"]), "taught_eval": len(taught)}
 
 
 def corpus(pins, out, test_fraction):
@@ -298,6 +362,7 @@ def main():
                 f.write(json.dumps(p) + "\n")
         stats["sft"][split] = len(part)
         stats["pref"][split] = len(pairs)
+    stats["quiz"] = quiz_files(uniq, out, a.test_fraction, a.seed)
     if not a.no_corpus:
         stats["corpus"] = corpus(pins, out, a.test_fraction)
     pins.save()

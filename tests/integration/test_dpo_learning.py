@@ -1,3 +1,4 @@
+# ctest-processors: 2  (trains with both cores for minutes; see CMakeLists.txt)
 """`llmtune dpo` end to end on the demo model (tiny Llama + BPE tokenizer + chat template) with LoRA:
 preference data as chat messages, recipe filters (`status != "tie"`, `chosen_score >= 8`) with their
 counts printed, held-out evaluation. Proves learning: the held-out DPO preference accuracy and the

@@ -1,3 +1,4 @@
+# ctest-processors: 2  (trains with both cores for minutes; see CMakeLists.txt)
 """Before/after with `llmtune eval --model BASE --adapter OUT`: a short LoRA SFT on the "last word" chat
 task, then both runs on a generation task and a multiple-choice task plus held-out perplexity. Checks:
 two runs side by side; one results JSON + Markdown report written, equal to the printed JSON; batched

@@ -1,3 +1,4 @@
+# ctest-processors: 2  (trains with both cores for minutes; see CMakeLists.txt)
 """Each PEFT method learns the synthetic "last word" chat task of the SFT issue with `llmtune sft`
 (sft_common / make_demo_data: "Last word: a b c" -> "c"; held-out prompts never seen in training)
 on the random demo base. Greedy exact-match accuracy on held-out prompts is measured in one process

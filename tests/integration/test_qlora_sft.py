@@ -1,3 +1,4 @@
+# ctest-processors: 2  (trains with both cores for minutes; see CMakeLists.txt)
 """QLoRA end to end with the real binary, on the synthetic "last word" task of test_sft_learning.py:
 1. `adapter: qlora` (NF4 + double quant, bf16 compute) reaches the same held-out greedy accuracy as a
    bf16 LoRA run with the same recipe (>= 90%, and within 5 points of LoRA).

@@ -1,3 +1,4 @@
+# ctest-processors: 2  (trains with both cores for minutes; see CMakeLists.txt)
 """`llmtune sft` learns: on a synthetic chat task ("Last word: a b c" -> "c", random triples of 26
 words; held-out triples never seen in training) greedy exact-match accuracy measured with
 `llmtune generate --greedy --chat` rises from ~0 on the random demo base to >= 90% after a LoRA
