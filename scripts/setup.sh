@@ -13,7 +13,9 @@ mkdir -p "$cache"
 
 debs=(build-essential cmake ninja-build ccache pkg-config libyaml-cpp-dev libcli11-dev
       libsentencepiece-dev sentencepiece nlohmann-json3-dev catch2 libfmt-dev
-      libcurl4-openssl-dev libicu-dev libcld2-0 python3-venv)
+      libcurl4-openssl-dev libicu-dev libcld2-0 python3-venv
+      # public-domain corpora and quiz data for scripts/data/make_data.py (default model, quickstart, tests)
+      bible-kjv jargon-text dict-devil wordnet-base bsdgames fortunes-min)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

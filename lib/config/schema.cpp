@@ -83,7 +83,7 @@ const std::vector<Field<Recipe>>& recipe_fields() {
       // --- tokens and templates ---
       key("tokens", "special_tokens", &R::special_tokens, "override special tokens: {bos_token, eos_token, pad_token, unk_token}"),
       key("tokens", "tokens", &R::tokens, "extra tokens to add to the vocabulary"),
-      key("tokens", "eot_tokens", &R::eot_tokens, "end-of-turn tokens for chat_template label masks"),
+      key("tokens", "eot_tokens", &R::eot_tokens, "end-of-turn tokens for chat_template label masks (default: EOS plus the special token the chat template writes after an assistant turn, e.g. <|im_end|>)"),
       key("tokens", "chat_template", &R::chat_template, "chat template name (llama3, chatml, ...), tokenizer_default or jinja"),
       key("tokens", "chat_template_jinja", &R::chat_template_jinja, "a Jinja chat template (with chat_template: jinja)"),
       key("tokens", "default_system_message", &R::default_system_message, "system message inserted when a conversation has none"),

@@ -84,7 +84,8 @@ struct DataOptions {
   std::string train_on_eos = "turn";  // all | turn | last | none (Axolotl chat_template default "turn")
   std::optional<std::string> train_on_eot;  // EOT tokens; default: train_on_eos
   std::vector<std::string> roles_to_train = {"assistant"};
-  std::vector<std::string> eot_tokens;   // end-of-turn token strings; default: the tokenizer's EOS
+  std::vector<std::string> eot_tokens;   // end-of-turn token strings; default: the tokenizer's EOS plus the
+                                         // special token the chat template puts after an assistant turn
   // builtin name, Jinja source, "tokenizer_default" or "tokenizer_default_fallback_<name>";
   // "" = the tokenizer's own template if it has one, else chatml.
   std::string chat_template;

@@ -10,6 +10,7 @@
 
 #include "core/core.h"
 #include "data/data_impl.h"
+#include "tokenizer/tokenizer.h"
 
 namespace llmtune::data {
 namespace {
@@ -74,6 +75,34 @@ std::pair<size_t, size_t> tokens_overlapping(const std::vector<std::pair<size_t,
   }
   if (first >= last) return {0, 0};
   return {first, last};
+}
+
+// The special token a chat template writes right after an assistant turn's content (ChatML's
+// <|im_end|>, Llama 3's <|eot_id|>, Llama 2's </s>), found by rendering a probe conversation.
+// Used when eot_tokens is not set, so a model whose EOS is not the template's turn end (llmtune's
+// default model: EOS </s>, ChatML turns) still learns to end its turn instead of running on.
+std::optional<int32_t> template_turn_end(const tok::ChatTemplate& chat, const tok::Tokenizer& tokenizer,
+                                         const std::string& bos, const std::string& eos) {
+  tok::Json messages = tok::Json::array();
+  messages.push_back(tok::Json{{"role", "user"}, {"content", "Hello"}});
+  messages.push_back(tok::Json{{"role", "assistant"}, {"content", "Hi there"}});
+  tok::RenderOptions ro;
+  ro.bos_token = bos;
+  ro.eos_token = eos;
+  tok::RenderedChat rc;
+  try {
+    rc = chat.render(messages, ro);
+  } catch (const std::exception&) {
+    return std::nullopt;  // a template that refuses the probe: keep the EOS default
+  }
+  if (rc.message_spans.size() < 2 || !rc.message_spans[1].rendered) return std::nullopt;
+  std::vector<std::pair<size_t, size_t>> off;
+  auto ids = detail::encode_offsets(tokenizer, rc.text, off);
+  auto [first, last] = tokens_overlapping(off, rc.message_spans[1].content.start, rc.message_spans[1].content.end);
+  if (first >= last) return std::nullopt;
+  for (size_t k = last; k < ids.size() && k < last + 3; ++k)
+    if (tokenizer.is_special(ids[k]) && ids[k] != tokenizer.bos_id()) return ids[k];
+  return std::nullopt;
 }
 
 std::vector<Example> Formatter::alpaca(const nlohmann::json& r, const std::string& where) const {
@@ -289,6 +318,8 @@ RecordFormatter::RecordFormatter(const DatasetSpec& spec, const DataOptions& opt
     f.eot_ids.push_back(*id);
   }
   if (f.eot_ids.empty() && f.eos) f.eot_ids.push_back(*f.eos);
+  if (options.eot_tokens.empty() && f.chat)
+    if (auto id = template_turn_end(*f.chat, tokenizer, f.bos_str, f.eos_str); id && id != f.eos) f.eot_ids.push_back(*id);
   if (f.eos && std::count(f.eot_ids.begin(), f.eot_ids.end(), *f.eos) && f.train_on_eos != f.train_on_eot)
     fail("dataset {}: the EOS token is one of the end-of-turn tokens but train_on_eos ({}) != train_on_eot ({}); "
          "make them equal",

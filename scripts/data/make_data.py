@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import shutil
 import unicodedata
 import subprocess
 import sys
@@ -324,6 +325,41 @@ def corpus(pins, out, test_fraction):
     return counts
 
 
+def last_word_files(out, seed, n_train=1000, n_test=200):
+    """A skill that generalises to unseen inputs, so held-out accuracy means something: "Last word
+    of: "<a clause of the King James Bible>"" -> its last word. Training clauses come from corpus/,
+    held-out clauses from corpus_test/ (chapters the model never trained on). Unlike the quiz, whose
+    held-out facts were never taught, a model that learned the skill answers these."""
+    rng = random.Random(seed + 11)
+
+    def clauses(path):
+        found = []
+        for piece in re.split(r"[.,;:?!()]", open(path, encoding="utf-8").read()):
+            words = piece.split()
+            if 4 <= len(words) <= 9 and all(w.isalpha() for w in words):
+                found.append(" ".join(words))
+        return sorted(set(found))
+
+    tasks = os.path.join(out, "tasks")
+    os.makedirs(tasks, exist_ok=True)
+    counts = {}
+    for split, src, n in (("train", "corpus", n_train), ("test", "corpus_test", n_test)):
+        pool = clauses(os.path.join(out, src, "bible-kjv.txt"))
+        rows = [{"messages": [{"role": "user", "content": f'Last word of: "{c}"'},
+                              {"role": "assistant", "content": c.split()[-1]}],
+                 "category": "last_word", "source": "bible-kjv:" + src} for c in rng.sample(pool, min(n, len(pool)))]
+        with open(os.path.join(out, f"sft_lastword_{split}.jsonl"), "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        counts[split] = len(rows)
+    shutil.copyfile(os.path.join(out, "sft_lastword_test.jsonl"), os.path.join(tasks, "lastword_held_out.jsonl"))
+    open(os.path.join(tasks, "lastword_held_out.yaml"), "w").write(
+        "# 200 held-out clauses (corpus_test chapters): the last word, exact match\n"
+        "task: lastword_held_out\ntype: generate\ndata: lastword_held_out.jsonl\nmessages_field: messages\n"
+        "scoring: exact_match\nmax_new_tokens: 8\n")
+    return counts
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("LLMTUNE_DATA", "build/data"))
@@ -365,6 +401,7 @@ def main():
     stats["quiz"] = quiz_files(uniq, out, a.test_fraction, a.seed)
     if not a.no_corpus:
         stats["corpus"] = corpus(pins, out, a.test_fraction)
+        stats["last_word"] = last_word_files(out, a.seed)
     pins.save()
     json.dump({"licenses": LICENSES, "files_sha256": pins.used, "counts": stats,
                "categories": sorted({it["category"] for it in uniq})}, open(manifest, "w"), indent=1)

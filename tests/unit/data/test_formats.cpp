@@ -259,3 +259,29 @@ TEST_CASE("prepare: skip_invalid counts, drop/truncate counts, split, weights, c
   CHECK(data::prepare(o, *t).train->size() == 40 + 24);
   fs::remove_all(dir);
 }
+
+TEST_CASE("chat_template: the template's turn-end token is trained when EOS differs and eot_tokens is unset",
+          "[data][chat]") {
+  // The embedded default model: EOS is </s>, its ChatML template closes turns with <|im_end|>.
+  const char* src = std::getenv("LLMTUNE_SOURCE_DIR");
+  REQUIRE(src);
+  auto t = tok::Tokenizer::load(fs::path(src) / "models" / "default");
+  REQUIRE(t->decode({*t->eos_id()}) == "</s>");
+  data::DatasetSpec c;
+  c.type = "chat_template";
+  nlohmann::json conv = {{"messages", {{{"role", "user"}, {"content", "Capital of Ghana?"}},
+                                       {{"role", "assistant"}, {"content", "Accra"}}}}};
+  auto trained_text = [&](const data::DataOptions& o) {
+    data::RecordFormatter f(c, o, *t);
+    auto ex = f.format(conv, "record 1").at(0);
+    std::vector<int32_t> tr;
+    for (size_t i = 0; i < ex.input_ids.size(); ++i)
+      if (ex.trained[i]) tr.push_back(ex.input_ids[i]);
+    return t->decode(tr);
+  };
+  data::DataOptions o;
+  CHECK(trained_text(o) == "Accra<|im_end|>");  // decode drops the leading ▁
+  // An explicit eot_tokens list is used as given (Axolotl's behaviour): only the content is trained here.
+  o.eot_tokens = {"</s>"};
+  CHECK(trained_text(o) == "Accra");
+}
