@@ -221,7 +221,15 @@ std::pair<std::vector<int32_t>, std::vector<int32_t>> tokenize_pair(Renderer& r,
     fail("{}: the chat template renders the prompt with the generation prompt as a text that the full conversation "
          "does not start with, so the completion cannot be separated; use a template whose generation prompt matches "
          "the assistant turn header", where);
-  return {r.encode_prompt(ptext), r.encode_completion(full.substr(ptext.size()), false)};
+  // Tokenize the whole conversation and cut it at the prompt's length when the prompt's ids are a prefix of
+  // it: encoding the completion on its own would give SentencePiece tokenizers a dummy-prefix piece ("▁")
+  // at its start that the model never sees in a real conversation (and learns to emit first).
+  auto prompt_ids = r.encode_prompt(ptext);
+  auto full_ids = r.encode_prompt(full);
+  if (full_ids.size() > prompt_ids.size() && std::equal(prompt_ids.begin(), prompt_ids.end(), full_ids.begin()))
+    return {std::move(prompt_ids), std::vector<int32_t>(full_ids.begin() + static_cast<std::ptrdiff_t>(prompt_ids.size()),
+                                                         full_ids.end())};
+  return {std::move(prompt_ids), r.encode_completion(full.substr(ptext.size()), false)};
 }
 
 const json* field(const json& rec, const std::string& name) {

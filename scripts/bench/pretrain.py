@@ -8,7 +8,7 @@ backward = 6 * (non-embedding params + lm head) + 12 * layers * seq * hidden (at
 the PaLM-paper accounting. Both fp32 (what the CPU recipe trains in) and bf16 GEMM rates are reported.
 The corpus is generated (seeded pseudo-words) and a 1000-piece tokenizer trained on it (the model keeps the
 default's vocab_size 8000, so the cost is the same), so no data is needed.
-  python scripts/bench/pretrain.py --bin build/llmtune [--steps 8] [--threads 2] [--small]
+  python scripts/bench/pretrain.py --bin build/llmtune [--steps 8] [--threads 2] [--dtypes fp32,bf16] [--small]
 Prints one JSON line; the first two logged steps (warm-up) are excluded from tokens/s."""
 import argparse
 import json
@@ -51,6 +51,7 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="a smoke-sized model")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="training precisions to run (fp32: the recipe's; bf16: bf16: true)")
     a = ap.parse_args()
     s = shape(a)
     work = tempfile.mkdtemp(prefix="llmtune-bench-pretrain-")
@@ -78,24 +79,29 @@ def main():
                   "sequence_len": s["seq"], "micro_batch_size": s["batch"], "max_steps": a.steps,
                   "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "seed": 1,
                   "output_dir": os.path.join(work, "out"), "dataset_prepared_path": os.path.join(work, "cache")}
-        rp = os.path.join(work, "r.yaml")
-        json.dump(recipe, open(rp, "w"))
-        subprocess.run([a.bin, "pretrain", rp, "--no-progress"], check=True, capture_output=True, env=env)
-        rows = [json.loads(l) for l in open(os.path.join(work, "out", "metrics.jsonl")) if l.strip()]
-        rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 2]
-        tps = sorted(rates)[len(rates) // 2]
         L, C, I, V, T = s["layers"], s["hidden"], s["intermediate"], s["vocab"], s["seq"]
         params_matmul = L * (4 * C * C + 3 * C * I) + V * C  # layers + (tied) lm head
         flops_per_token = 6 * params_matmul + 12 * L * T * C
         m = s["batch"] * T
         fp32 = gemm_rate("float32", m, C, I, a.threads)
         bf16 = gemm_rate("bfloat16", m, C, I, a.threads)
-        achieved = tps * flops_per_token
-        res = {"shape": s, "threads": a.threads, "tokens_per_s": round(tps, 1),
-               "model_gflop_per_token": round(flops_per_token / 1e9, 4), "achieved_gflops": round(achieved / 1e9, 2),
-               "gemm_gflops_fp32": round(fp32 / 1e9, 2), "gemm_gflops_bf16": round(bf16 / 1e9, 2),
-               "mfu_vs_fp32_gemm": round(achieved / fp32, 3), "mfu_vs_bf16_gemm": round(achieved / bf16, 3),
-               "one_hour_tokens": int(tps * 3600), "steps_logged": len(rows)}
+        res = {"shape": s, "threads": a.threads, "model_gflop_per_token": round(flops_per_token / 1e9, 4),
+               "gemm_gflops_fp32": round(fp32 / 1e9, 2), "gemm_gflops_bf16": round(bf16 / 1e9, 2)}
+        for dtype in a.dtypes.split(","):
+            recipe["bf16"] = dtype == "bf16"
+            recipe["output_dir"] = os.path.join(work, "out-" + dtype)
+            rp = os.path.join(work, f"r-{dtype}.yaml")
+            json.dump(recipe, open(rp, "w"))
+            subprocess.run([a.bin, "pretrain", rp, "--no-progress"], check=True, capture_output=True, env=env)
+            rows = [json.loads(l) for l in open(os.path.join(recipe["output_dir"], "metrics.jsonl")) if l.strip()]
+            rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 2]
+            tps = sorted(rates)[len(rates) // 2]
+            achieved = tps * flops_per_token
+            res[dtype] = {"tokens_per_s": round(tps, 1), "step_time_s": round(s["batch"] * T / tps, 3),
+                          "achieved_gflops": round(achieved / 1e9, 2),
+                          "mfu_vs_fp32_gemm": round(achieved / fp32, 3), "mfu_vs_bf16_gemm": round(achieved / bf16, 3),
+                          "peak_rss_mib": round(max(r.get("peak_rss_mib", 0) for r in rows)),
+                          "one_hour_tokens": int(tps * 3600), "steps_logged": len(rows)}
         print(json.dumps(res))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -327,7 +327,8 @@ def corpus(pins, out, test_fraction):
 
 def last_word_files(out, seed, n_train=1000, n_test=200):
     """A skill that generalises to unseen inputs, so held-out accuracy means something: "Last word
-    of: "<a clause of the King James Bible>"" -> its last word. Training clauses come from corpus/,
+    of: "<a clause of the King James Bible>"" -> its last word (sft_lastword_*.jsonl; pref_lastword_*.jsonl
+    pairs it with another word of the clause as the rejected answer). Training clauses come from corpus/,
     held-out clauses from corpus_test/ (chapters the model never trained on). Unlike the quiz, whose
     held-out facts were never taught, a model that learned the skill answers these."""
     rng = random.Random(seed + 11)
@@ -351,6 +352,14 @@ def last_word_files(out, seed, n_train=1000, n_test=200):
         with open(os.path.join(out, f"sft_lastword_{split}.jsonl"), "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+        # Preference pairs on the same clauses: chosen = the last word, rejected = another word of the clause.
+        with open(os.path.join(out, f"pref_lastword_{split}.jsonl"), "w") as f:
+            for r in rows:
+                words = r["messages"][0]["content"].split('"')[1].split()
+                last = words[-1]
+                others = [w for w in words[:-1] if w != last]
+                f.write(json.dumps({"prompt": r["messages"][:1], "chosen": last, "rejected": rng.choice(others),
+                                    "category": "last_word", "source": r["source"]}) + "\n")
         counts[split] = len(rows)
     shutil.copyfile(os.path.join(out, "sft_lastword_test.jsonl"), os.path.join(tasks, "lastword_held_out.jsonl"))
     open(os.path.join(tasks, "lastword_held_out.yaml"), "w").write(

@@ -3,9 +3,9 @@
 previous step's output, with each stage's measured effect printed and checked:
 
   pretrain (continued, short, on the Devil's Dictionary)   held-out loss of that text goes down
-  -> sft (LoRA, the bsdgames quiz)                         taught-question accuracy goes up
+  -> sft (LoRA, "last word of a clause")                  held-out accuracy goes up
   -> merge
-  -> dpo (LoRA, quiz preference pairs)                     preference accuracy on its pairs goes up
+  -> dpo (LoRA, last word vs another word of the clause)   held-out preference accuracy goes up, task kept
   -> merge
   -> quantize (GGUF f16 and q8_0)                          llama.cpp loads both; q8_0 perplexity close to f16
   -> generate                                              llama.cpp's greedy text on the f16 file equals llmtune's
@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "parity"))
@@ -47,6 +48,7 @@ def main():
                     "--max-wordnet", "100"], check=True, capture_output=True)
     tasks = os.path.join(data, "tasks")
     report = []
+    t_start = time.monotonic()
 
     # 1. Continued pretraining: a short domain adaptation to the Devil's Dictionary.
     devil_train = os.path.join(data, "corpus", "dict-devil.txt")
@@ -63,46 +65,45 @@ def main():
     report.append(("pretrain", "held-out loss (Devil's Dictionary)", loss_base, loss_pre))
     assert loss_pre < loss_base - 0.02, (loss_base, loss_pre)
 
-    # 2. SFT with LoRA on the quiz; 3. merge.
+    # 2. SFT with LoRA on the last-word skill; 3. merge. Held-out clauses come from chapters never trained on.
     sft_out, merged_sft = os.path.join(work, "sft"), os.path.join(work, "merged-sft")
     run(["sft", write_recipe(os.path.join(work, "sft.yaml"), {
-        "base_model": pretrained, "datasets": [{"path": os.path.join(data, "sft_quiz_train.jsonl"),
+        "base_model": pretrained, "datasets": [{"path": os.path.join(data, "sft_lastword_train.jsonl"),
                                                 "type": "chat_template"}],
-        "chat_template": "tokenizer_default", "sequence_len": 64, "micro_batch_size": 16, "num_epochs": 4,
+        "chat_template": "tokenizer_default", "sequence_len": 64, "micro_batch_size": 16, "num_epochs": 3,
         "learning_rate": 3e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.05, "optimizer": "adamw_torch",
         "adapter": "lora", "lora_r": 32, "lora_alpha": 32, "lora_target_linear": True, "output_dir": sft_out,
         "logging_steps": 10, "seed": 7, "val_set_size": 0, "save_strategy": "no",
         "dataset_prepared_path": os.path.join(work, "cache")}), "--no-progress"])
-    quiz = ["--task", os.path.join(tasks, "quiz_taught.yaml"), "--task", os.path.join(tasks, "quiz_taught_mc.yaml")]
-    r = eval_json(["--model", pretrained, "--adapter", sft_out, *quiz])
-    before, after = (run_["tasks"] for run_ in r["runs"])
-    em0, em1 = before["quiz_taught"]["metrics"]["exact_match"], after["quiz_taught"]["metrics"]["exact_match"]
-    mc0, mc1 = before["quiz_taught_mc"]["metrics"]["acc"], after["quiz_taught_mc"]["metrics"]["acc"]
-    report.append(("sft", "taught quiz exact match", em0, em1))
-    report.append(("sft", "taught quiz multiple-choice acc", mc0, mc1))
-    assert em1 > em0 + 0.3 and mc1 > mc0 + 0.2, (em0, em1, mc0, mc1)
+    last_word = ["--task", os.path.join(tasks, "lastword_held_out.yaml")]
+    r = eval_json(["--model", pretrained, "--adapter", sft_out, *last_word])
+    em0, em1 = (x["tasks"]["lastword_held_out"]["metrics"]["exact_match"] for x in r["runs"])
+    report.append(("sft", "held-out last-word exact match", em0, em1))
+    assert em1 > em0 + 0.15, (em0, em1)
     run(["merge", "--base", pretrained, "--adapter", sft_out, "--out", merged_sft])
 
-    # 4. DPO with LoRA on the quiz preference pairs (rejected = another answer of the same category); 5. merge.
+    # 4. DPO with LoRA on last-word pairs (rejected = another word of the clause), held-out pairs for eval; 5. merge.
+    # rpo_alpha adds the NLL of the chosen answer (RPO), so pushing the rejected word down does not also drag the
+    # chosen one down and cost the greedy accuracy SFT gave.
     dpo_out, merged_dpo = os.path.join(work, "dpo"), os.path.join(work, "merged-dpo")
-    pairs = os.path.join(data, "pref_quiz_train.jsonl")
     run(["dpo", write_recipe(os.path.join(work, "dpo.yaml"), {
-        "base_model": merged_sft, "rl": "dpo", "rl_beta": 0.1, "chat_template": "tokenizer_default",
-        "datasets": [{"path": pairs}], "test_datasets": [{"path": pairs}], "sequence_len": 64, "micro_batch_size": 16,
-        "max_steps": 30, "learning_rate": 2e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.1,
-        "optimizer": "adamw_torch", "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_target_linear": True,
-        "output_dir": dpo_out, "logging_steps": 5, "eval_steps": 30, "save_strategy": "no", "seed": 7}),
-        "--no-progress"])
+        "base_model": merged_sft, "rl": "dpo", "rl_beta": 0.1, "rpo_alpha": 1.0, "chat_template": "tokenizer_default",
+        "datasets": [{"path": os.path.join(data, "pref_lastword_train.jsonl")}],
+        "test_datasets": [{"path": os.path.join(data, "pref_lastword_test.jsonl")}],
+        "sequence_len": 64, "micro_batch_size": 16, "max_steps": 40, "learning_rate": 5e-4, "lr_scheduler": "cosine",
+        "warmup_ratio": 0.1, "optimizer": "adamw_torch", "adapter": "lora", "lora_r": 16, "lora_alpha": 32,
+        "lora_target_linear": True, "output_dir": dpo_out, "logging_steps": 5, "eval_steps": 40,
+        "save_strategy": "no", "seed": 7}), "--no-progress"])
     ev = [m for m in metrics(dpo_out) if "eval_rewards/accuracies" in m]
     acc_after = ev[-1]["eval_rewards/accuracies"]
     # Before DPO the policy equals the reference: every implicit reward is 0 and no pair is ranked right.
-    report.append(("dpo", "preference accuracy on its pairs (implicit reward)", 0.0, acc_after))
-    assert acc_after > 0.8, ev
+    report.append(("dpo", "held-out preference accuracy (implicit reward)", 0.0, acc_after))
+    assert acc_after > 0.7, ev
     run(["merge", "--base", merged_sft, "--adapter", dpo_out, "--out", merged_dpo])
-    r2 = eval_json(["--model", merged_sft, "--model", merged_dpo, "--task", os.path.join(tasks, "quiz_taught_mc.yaml")])
-    mc_sft, mc_dpo = (x["tasks"]["quiz_taught_mc"]["metrics"]["acc"] for x in r2["runs"])
-    report.append(("dpo", "taught quiz multiple-choice acc", mc_sft, mc_dpo))
-    assert mc_dpo >= mc_sft - 0.02, (mc_sft, mc_dpo)
+    r2 = eval_json(["--model", merged_sft, "--model", merged_dpo, *last_word])
+    em_sft, em_dpo = (x["tasks"]["lastword_held_out"]["metrics"]["exact_match"] for x in r2["runs"])
+    report.append(("dpo", "held-out last-word exact match", em_sft, em_dpo))
+    assert em_dpo >= em_sft - 0.05, (em_sft, em_dpo)
 
     # 6. Quantize to GGUF; 7. generate with llama.cpp and compare with llmtune.
     import gguf_common as G
@@ -116,7 +117,8 @@ def main():
         lc = G.LlamaCpp(gguf)
         ppl[typ] = float(__import__("numpy").exp(G.nll(lc.logits(ids), ids)))
         if typ == "f16":
-            prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+            prompt = tok.apply_chat_template([{"role": "user", "content": 'Last word of: "and God saw the light"'}],
+                                             tokenize=False, add_generation_prompt=True)
             mine = json.loads(run(["generate", "--model", merged_dpo, "--greedy", "-n", "8", "--json", "-p", prompt])
                               .stdout.strip().splitlines()[-1])
             theirs = lc.greedy(lc.tokenize(prompt, add_bos=True), len(mine["tokens"]),
@@ -127,7 +129,7 @@ def main():
     report.append(("quantize", "llama.cpp perplexity f16 -> q8_0 (KJV held-out)", ppl["f16"], ppl["q8_0"]))
     assert abs(ppl["q8_0"] / ppl["f16"] - 1) < 0.02, ppl
 
-    print("seed pipeline on the default model:")
+    print(f"seed pipeline on the default model ({time.monotonic() - t_start:.0f} s):")
     for stage, what, a, b in report:
         if a == "":
             print(f"  {stage:9} {what}")
