@@ -381,9 +381,17 @@ def main():
     a = ap.parse_args()
     out = a.out
     manifest = os.path.join(out, "LICENSES.json")
+    # The output is complete when its manifest was written by this very version of the generator.
+    generator = sha256(os.path.abspath(__file__))
     if os.path.exists(manifest) and not a.record_pins:
-        print(f"make_data: {out} is complete (delete it to rebuild)")
-        return
+        try:
+            done = json.load(open(manifest)).get("generator_sha256") == generator
+        except ValueError:
+            done = False
+        if done:
+            print(f"make_data: {out} is complete (delete it to rebuild)")
+            return
+        print(f"make_data: {out} was made by another version of make_data.py; rebuilding")
     os.makedirs(out, exist_ok=True)
     pins = Pins(verify=not a.no_verify, record=a.record_pins)
     items = quiz_items(pins) + riddle_items(pins) + wordnet_items(pins, a.max_wordnet)
@@ -412,7 +420,7 @@ def main():
         stats["corpus"] = corpus(pins, out, a.test_fraction)
         stats["last_word"] = last_word_files(out, a.seed)
     pins.save()
-    json.dump({"licenses": LICENSES, "files_sha256": pins.used, "counts": stats,
+    json.dump({"generator_sha256": generator, "licenses": LICENSES, "files_sha256": pins.used, "counts": stats,
                "categories": sorted({it["category"] for it in uniq})}, open(manifest, "w"), indent=1)
     print(json.dumps(stats))
 

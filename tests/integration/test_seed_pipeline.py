@@ -55,6 +55,8 @@ def main():
     devil_test = os.path.join(data, "corpus_test", "dict-devil.txt")
     pre_out = os.path.join(work, "pretrain")
     loss_base = held_out_loss(BASE, devil_test)
+    # `--model default` names the same model (models/default, or $LLMTUNE_DEFAULT_MODEL when set).
+    assert held_out_loss("default", devil_test) == loss_base
     run(["pretrain", write_recipe(os.path.join(work, "pretrain.yaml"), {
         "base_model": BASE, "pretraining_dataset": [{"path": devil_train, "text_split": "paragraph"}],
         "sequence_len": 256, "micro_batch_size": 8, "max_steps": 24, "learning_rate": 5e-4, "lr_scheduler": "constant",
