@@ -4,6 +4,7 @@
 // (the factor 2 of the paper cancels: damping is relative, and AWQ only compares losses), so the
 // output error of a weight error E [out, in] on those tokens is exactly tr(E H Eᵀ).
 // Caveat: asymmetric GPTQ zeros are kept in [1, maxq] so the v1 checkpoint's "zero − 1" fits.
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 
@@ -133,12 +134,16 @@ GroupQuantized gptq_quantize(const torch::Tensor& w_in, const torch::Tensor& h_i
 
   auto Q = torch::empty({out, in});  // integer codes, permuted column order
   auto scales = torch::empty({G, out}), zeros = torch::empty({G, out});
-  torch::Tensor scale, zero;
+  std::vector<float> sc(out), zr(out);
+  float* qp = Q.data_ptr<float>();
   for (int64_t i1 = 0; i1 < in; i1 += p.block_size) {
     const int64_t n = std::min(p.block_size, in - i1);
-    auto W1 = W.narrow(1, i1, n).clone();
+    auto W1 = W.narrow(1, i1, n).contiguous().clone();  // [out, n], updated in place below
     auto Err1 = torch::empty({out, n});
-    auto Hinv1 = Hinv.narrow(0, i1, n).narrow(1, i1, n);
+    auto Hinv1 = Hinv.narrow(0, i1, n).narrow(1, i1, n).contiguous();
+    float* w = W1.data_ptr<float>();
+    float* e = Err1.data_ptr<float>();
+    const float* h = Hinv1.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) {
       const int64_t col = i1 + i;
       if (col % gs == 0) {
@@ -146,17 +151,26 @@ GroupQuantized gptq_quantize(const torch::Tensor& w_in, const torch::Tensor& h_i
         auto wg = torch::cat({W1.narrow(1, i, std::min(gs, n - i)),
                               W.narrow(1, i1 + n, std::max<int64_t>(0, std::min(gs - (n - i), in - i1 - n)))},
                              1);
-        std::tie(scale, zero) = gptq_params(wg, maxq, p.sym);
+        auto [scale, zero] = gptq_params(wg, maxq, p.sym);
         scales[col / gs] = scale;
         zeros[col / gs] = zero;
+        auto s_c = scale.contiguous(), z_c = zero.contiguous();
+        std::copy(s_c.data_ptr<float>(), s_c.data_ptr<float>() + out, sc.begin());
+        std::copy(z_c.data_ptr<float>(), z_c.data_ptr<float>() + out, zr.begin());
       }
-      auto w = W1.select(1, i);
-      auto q = codes(w, scale, zero, maxq);
-      Q.select(1, col).copy_(q);
-      auto err = (w - scale * (q - zero)) / Hinv1[i][i];
-      // Remaining columns of the block absorb this column's error (lazy batch update, §4 "Step 2").
-      if (i + 1 < n) W1.narrow(1, i + 1, n - i - 1).addr_(err, Hinv1[i].narrow(0, i + 1, n - i - 1), 1, -1);
-      Err1.select(1, i).copy_(err);
+      // Quantize column i, then let the remaining columns of the block absorb its error
+      // (err = (w − q) / Hinv[i,i]; W[:, j] −= err · Hinv[i, j]), the paper's lazy batch update.
+      const float d = h[i * n + i];
+      const float* hr = h + i * n;
+      for (int64_t o = 0; o < out; ++o) {
+        float* wr = w + o * n;
+        const float x = wr[i];
+        const float q = std::clamp(std::nearbyint(x / sc[o]) + zr[o], 0.0f, static_cast<float>(maxq));
+        qp[o * in + col] = q;
+        const float err = (x - sc[o] * (q - zr[o])) / d;
+        e[o * n + i] = err;
+        for (int64_t j = i + 1; j < n; ++j) wr[j] -= err * hr[j];
+      }
     }
     if (i1 + n < in) W.narrow(1, i1 + n, in - i1 - n).sub_(Err1.matmul(Hinv.narrow(0, i1, n).narrow(1, i1 + n, in - i1 - n)));
   }

@@ -151,7 +151,7 @@ def main():
         open(calib, "w").write(sample_text(glob.glob(os.path.join(data, "corpus", "*.txt")), 120_000))
         held = os.path.join(tmp, "held-out.txt")
         open(held, "w").write(sample_text(glob.glob(os.path.join(data, "corpus_test", "bible-kjv.txt")), 40_000))
-    cal = ["--calib", calib, "--calib-samples", 32, "--calib-seqlen", 256]
+    cal = ["--calib", calib, "--calib-samples", 16, "--calib-seqlen", 256]
 
     # ---- bad input ----
     p = run(["quantize", "--model", base, "--format", "gptq", "--out", os.path.join(tmp, "x"), "--calib",
