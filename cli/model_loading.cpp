@@ -4,6 +4,7 @@
 #include "core/core.h"
 #include "io/io.h"
 #include "peft/peft.h"
+#include "quant/quant.h"
 
 namespace llmtune::cli {
 
@@ -21,7 +22,10 @@ LoadedModel load_model_and_tokenizer(const std::string& model_name, const std::s
   out.dir = io::resolve_model_path(model_name);
   auto config = model::ModelConfig::from_file(out.dir / "config.json");
   double t0 = now_seconds();
-  out.model = model::load_pretrained(out.dir, parse_dtype(dtype, &config));
+  if (auto gq = quant::checkpoint_group_quant(out.dir))  // GPTQ/AWQ: frozen quantized linears
+    out.model = quant::load_group_quantized(out.dir, *gq, parse_dtype(dtype, &config));
+  else
+    out.model = model::load_pretrained(out.dir, parse_dtype(dtype, &config));
   for (const auto& a : adapters) peft::load_any_adapter(*out.model, io::resolve_model_path(a, {.files = {"adapter_config.json", "adapter_model.safetensors"}}));
   out.model->eval();
   log::debug(fmt::format("loaded {} in {:.2f}s", out.dir.string(), now_seconds() - t0));

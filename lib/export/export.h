@@ -3,6 +3,7 @@
 // HF-checkpoint -> GGUF converter with llama.cpp's tensor names, Q/K row order, metadata,
 // tokenizer and `_M` k-quant mixes. GPTQ/AWQ writers will live beside it (gptq*.cpp, awq*.cpp).
 #pragma once
+#include "quant/quant.h"
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -173,5 +174,23 @@ struct GgufExportReport {
 // Loads the checkpoint (fp32), merges adapters, maps names, permutes Q/K, quantizes, writes metadata
 // and the tokenizer. Throws llmtune::Error for unsupported architectures/tokenizers/shapes.
 GgufExportReport export_gguf(const GgufExportOptions& options);
+
+
+// GPTQ / AWQ checkpoints in the Hugging Face layouts (formats.md §8; lib/export/gptq_export.cpp).
+struct GroupQuantExportOptions {
+  fs::path model_dir;
+  std::string method = "gptq";      // gptq | awq
+  quant::GroupQuantParams params;   // bits, group_size, sym, act_order, damp_percent
+  fs::path calib;                   // .txt or .jsonl ("text")
+  int64_t calib_samples = 128, calib_seqlen = 512, batch = 8;
+  bool rtn = false;                 // round-to-nearest baseline in the same layout (no calibration)
+  fs::path out;                     // output directory
+};
+struct GroupQuantExportReport {
+  int64_t n_linears = 0, file_bytes = 0;
+  double seconds = 0;
+  double relative_output_error = 0;  // Σ tr(E H Eᵀ) / Σ tr(W H Wᵀ) on the calibration inputs (0 for rtn)
+};
+GroupQuantExportReport export_group_quant(const GroupQuantExportOptions& options);
 
 }  // namespace llmtune::exporter

@@ -161,6 +161,7 @@ std::shared_ptr<model::DenseLinearImpl> Linear8bitImpl::to_dense(torch::ScalarTy
 model::LinearPtr dequantize_linear(const model::LinearPtr& m, std::optional<torch::ScalarType> dtype) {
   if (auto q = std::dynamic_pointer_cast<Linear4bitImpl>(m)) return q->to_dense(dtype.value_or(q->compute_dtype));
   if (auto q = std::dynamic_pointer_cast<Linear8bitImpl>(m)) return q->to_dense(dtype.value_or(q->compute_dtype));
+  if (auto q = std::dynamic_pointer_cast<LinearGroupQuantImpl>(m)) return q->to_dense(dtype.value_or(q->compute_dtype));
   return nullptr;
 }
 

@@ -80,7 +80,9 @@ std::optional<QuantOptions> checkpoint_quantization(const fs::path& dir) {
   if (!j.contains("quantization_config")) return std::nullopt;
   const auto& q = j["quantization_config"];
   const std::string src = (dir / "config.json").string();
-  if (q.value("quant_method", std::string()) != "bitsandbytes")
+  const std::string method = q.value("quant_method", std::string());
+  if (method == "gptq" || method == "awq") return std::nullopt;  // checkpoint_group_quant reads those
+  if (method != "bitsandbytes")
     fail("{}: quantization_config.quant_method \"{}\" is not supported; llmtune reads bitsandbytes 4-bit "
          "checkpoints (or quantizes 16-bit ones itself with load_in_4bit)", src, q.value("quant_method", std::string("?")));
   auto o = QuantOptions::from_json(q, src);
@@ -97,6 +99,12 @@ model::Transformer load_quantized(const fs::path& dir, const QuantOptions& optio
     fail("unsupported model dtype {}; use float32, bfloat16 or float16", c10::toString(dtype));
   if (!fs::is_directory(dir)) fail("model directory {} does not exist", dir.string());
   if (!fs::exists(dir / "config.json")) fail("{} has no config.json; is it a Hugging Face model directory?", dir.string());
+  if (auto gq = checkpoint_group_quant(dir)) {
+    if (options.bits == QuantOptions::Bits::eight || options.bits == QuantOptions::Bits::four)
+      log::info(fmt::format("{} is stored {} {}-bit; using the stored weights as the frozen base", dir.string(),
+                            gq->method, gq->bits));
+    return load_group_quantized(dir, *gq, dtype, device);
+  }
   auto cfg = model::ModelConfig::from_file(dir / "config.json");
   io::CheckpointReader reader(dir);
   auto stored = checkpoint_quantization(dir);
@@ -227,7 +235,9 @@ std::vector<std::string> quantized_linears(const model::TransformerImpl& model) 
   std::vector<std::string> out;
   for (const auto& item : model.named_modules("", false)) {
     const auto& m = item.value();
-    if (!std::dynamic_pointer_cast<Linear4bitImpl>(m) && !std::dynamic_pointer_cast<Linear8bitImpl>(m)) continue;
+    if (!std::dynamic_pointer_cast<Linear4bitImpl>(m) && !std::dynamic_pointer_cast<Linear8bitImpl>(m) &&
+        !std::dynamic_pointer_cast<LinearGroupQuantImpl>(m))
+      continue;
     std::string n = item.key();
     if (ends_with(n, ".base_layer")) n = n.substr(0, n.size() - 11);
     out.push_back(n);
@@ -240,6 +250,8 @@ int64_t quantized_weight_bytes(const model::TransformerImpl& model) {
   for (const auto& item : model.named_modules("", false)) {
     if (auto q = std::dynamic_pointer_cast<Linear4bitImpl>(item.value())) b += q->state.bytes();
     else if (auto q8 = std::dynamic_pointer_cast<Linear8bitImpl>(item.value())) b += q8->qweight.numel() + q8->scale.numel() * 4;
+    else if (auto g = std::dynamic_pointer_cast<LinearGroupQuantImpl>(item.value()))
+      b += g->g.q.numel() * g->g.bits / 8 + g->g.scales.numel() * 2 + g->g.zeros.numel() * g->g.bits / 8;
   }
   return b;
 }
@@ -259,6 +271,10 @@ uint64_t quantized_fingerprint(const model::TransformerImpl& model) {
     } else if (auto q8 = std::dynamic_pointer_cast<Linear8bitImpl>(item.value())) {
       mix(q8->qweight);
       mix(q8->scale);
+    } else if (auto g = std::dynamic_pointer_cast<LinearGroupQuantImpl>(item.value())) {
+      mix(g->g.q);
+      mix(g->g.scales);
+      mix(g->g.zeros);
     }
   }
   return h;

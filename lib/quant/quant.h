@@ -143,6 +143,90 @@ class Linear8bitImpl : public model::LinearBaseImpl {
 };
 TORCH_MODULE(Linear8bit);
 
+
+// ---------------------------------------------------------------------------------------------
+// GPTQ / AWQ (formats.md §8; lib/quant/gptq.cpp, gptq_linear.cpp): integer codes with one (scale,
+// zero) per group of input columns and output row; W[o, i] = scale[g, o] · (q[o, i] − zero[g, o]),
+// g = g_idx[i]. H below is the calibration statistic Σ x xᵀ [in, in] (fp32) of the layer's inputs.
+
+struct GroupQuantParams {
+  int bits = 4;                 // 4 or 8 (2 for experiments)
+  int64_t group_size = 128;     // -1: one group over all inputs; must divide in_features
+  bool sym = false;             // GPTQ: symmetric (zero = 2^(bits-1))
+  bool act_order = false;       // GPTQ desc_act: columns in order of decreasing H_ii
+  double damp_percent = 0.01;   // λ = damp_percent · mean(diag H)
+  int64_t block_size = 128;     // GPTQ lazy-update block
+  bool awq_quantizer = false;   // AWQ's min/max rule (zero in [0, maxq], range need not hold 0)
+};
+struct GroupQuantized {
+  torch::Tensor q;       // uint8 [out, in] codes 0..2^bits-1, original column order
+  torch::Tensor scales;  // fp32 [groups, out]
+  torch::Tensor zeros;   // int32 [groups, out], the real zero point
+  torch::Tensor g_idx;   // int32 [in]
+  int bits = 4;
+  int64_t group_size = 128;
+  int64_t groups() const;
+  torch::Tensor dequantize() const;  // fp32 [out, in]
+};
+// Round-to-nearest per group (the baseline GPTQ and AWQ are measured against).
+GroupQuantized rtn_quantize(const torch::Tensor& w, const GroupQuantParams& p);
+// GPTQ: column-by-column quantization with error compensation through the Cholesky factor of H⁻¹.
+GroupQuantized gptq_quantize(const torch::Tensor& w, const torch::Tensor& H, const GroupQuantParams& p);
+// AWQ scale search for linears sharing one input (q/k/v, gate/up): s = x_absmean^α normalised,
+// α on a grid of `grid` steps in [0, 1), minimising Σ tr(E H Eᵀ), E = W − Q(W·s)/s. Returns s [in].
+torch::Tensor awq_search_scales(const std::vector<torch::Tensor>& ws, const torch::Tensor& H,
+                                const torch::Tensor& x_absmean, const GroupQuantParams& p, double* best_alpha = nullptr,
+                                int grid = 20);
+// AWQ clip search (shrink each group's |w| range by k/20, k < 10, keep the lowest error), then quantize.
+GroupQuantized awq_clip_quantize(const torch::Tensor& w, const torch::Tensor& H, const GroupQuantParams& p, bool clip);
+// tr(E H Eᵀ): the summed squared output error of a weight error E [out, in] on the calibration tokens.
+double weighted_error(const torch::Tensor& e, const torch::Tensor& H);
+
+// Hugging Face GPTQ layout (AutoGPTQ/optimum/gptqmodel): qweight int32 [in·bits/32, out] packed
+// along the input dim (word r holds inputs r·per..r·per+per−1, lowest bits first), qzeros int32
+// [groups, out·bits/32] packed along the output dim, scales fp16 [groups, out], g_idx int32 [in].
+// checkpoint_format "gptq" (v1) stores zero − 1; "gptq_v2" (v2 = true) stores the zero itself.
+std::vector<std::pair<std::string, torch::Tensor>> gptq_pack(const GroupQuantized& g, bool v2 = false);
+GroupQuantized gptq_unpack(const torch::Tensor& qweight, const torch::Tensor& qzeros, const torch::Tensor& scales,
+                           const torch::Tensor& g_idx, int bits, int64_t group_size, int64_t in, int64_t out, bool v2,
+                           const std::string& name);
+// AutoAWQ GEMM layout: qweight int32 [in, out/8], qzeros int32 [groups, out/8] packed along the
+// output dim with nibble k holding column 8c + [0,2,4,6,1,3,5,7][k]; zeros stored as is; scales fp16.
+std::vector<std::pair<std::string, torch::Tensor>> awq_pack(const GroupQuantized& g);
+GroupQuantized awq_unpack(const torch::Tensor& qweight, const torch::Tensor& qzeros, const torch::Tensor& scales,
+                          int64_t group_size, int64_t in, int64_t out, const std::string& name);
+
+// A frozen GPTQ/AWQ linear: codes kept unpacked (uint8), dequantized on the fly in each forward
+// (the dense weight lives only for one matmul, and for backward when x requires grad).
+class LinearGroupQuantImpl : public model::LinearBaseImpl {
+ public:
+  LinearGroupQuantImpl(GroupQuantized g, torch::Tensor bias, torch::ScalarType compute_dtype, std::string method);
+  torch::Tensor forward(const torch::Tensor& x) override;
+  int64_t in_features() const override { return g.q.size(1); }
+  int64_t out_features() const override { return g.q.size(0); }
+  std::shared_ptr<model::DenseLinearImpl> to_dense(torch::ScalarType dtype) const;
+  void pretty_print(std::ostream& os) const override;
+  GroupQuantized g;
+  torch::Tensor bias;
+  torch::ScalarType compute_dtype;
+  std::string method;  // "gptq" | "awq"
+};
+TORCH_MODULE(LinearGroupQuant);
+
+// config.json's quantization_config when quant_method is "gptq" or "awq" (else nullopt); errors
+// for what llmtune cannot read (AWQ other than GEMM, bits other than 4/8, unknown checkpoint_format).
+struct GroupQuantConfig {
+  std::string method;  // gptq | awq
+  int bits = 4;
+  int64_t group_size = 128;
+  bool sym = true, desc_act = false, v2 = false;
+  nlohmann::json to_json() const;  // the quantization_config written to config.json
+};
+std::optional<GroupQuantConfig> checkpoint_group_quant(const fs::path& dir);
+// Loads a GPTQ/AWQ checkpoint: quantized linears become LinearGroupQuant, others load in `dtype`.
+model::Transformer load_group_quantized(const fs::path& dir, const GroupQuantConfig& c, torch::ScalarType dtype,
+                                        torch::Device device = torch::kCPU);
+
 // ---------------------------------------------------------------------------------------------
 // Loading
 

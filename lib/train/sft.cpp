@@ -130,7 +130,8 @@ int run_sft(const config::Recipe& recipe, const StageOptions& so) {
   log::info(fmt::format("sft: base model {} on {} in {}{}", model_dir.string(), device.str(), to_string(precision),
                         precision == Precision::fp32 ? "" : " (trainable weights get fp32 master copies)"));
   model::Transformer net{nullptr};
-  if (recipe.load_in_4bit || recipe.load_in_8bit || quant::checkpoint_quantization(model_dir)) {
+  if (recipe.load_in_4bit || recipe.load_in_8bit || quant::checkpoint_quantization(model_dir) ||
+      quant::checkpoint_group_quant(model_dir)) {  // GPTQ/AWQ bases load as stored (load_quantized)
     // QLoRA: frozen 4-bit (or 8-bit) base, quantized one tensor at a time at load (or read as bnb saved it).
     quant::QuantOptions qo;
     qo.bits = recipe.load_in_8bit ? quant::QuantOptions::Bits::eight : quant::QuantOptions::Bits::four;

@@ -230,7 +230,7 @@ def main():
     p = common.run(["quantize", "--model", BPE, "--type", "q4_k_x", "--out", os.path.join(tmp, "x.gguf")], check=False)
     check(p.returncode != 0 and "did you mean 'q4_k_m'" in p.stderr, "unknown --type names the closest valid type")
     p = common.run(["quantize", "--model", BPE, "--format", "gptq", "--out", os.path.join(tmp, "x")], check=False)
-    check(p.returncode != 0 and "not implemented yet" in p.stderr, "--format gptq answers 'not implemented yet'")
+    check(p.returncode != 0 and "needs --calib" in p.stderr, "--format gptq without --calib says it needs --calib")
     p = common.run(["inspect", f32_path])
     check("tokenizer.ggml.merges" in p.stdout and "blk.3.ffn_down.weight" in p.stdout,
           "llmtune inspect FILE.gguf prints metadata and the tensor table")
