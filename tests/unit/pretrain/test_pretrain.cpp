@@ -17,10 +17,20 @@ using namespace llmtune;
 
 namespace {
 
+// Every scratch directory this process made, removed when the test binary exits.
+struct ScratchDirs {
+  std::vector<fs::path> made;
+  ~ScratchDirs() {
+    std::error_code ec;
+    for (const auto& d : made) fs::remove_all(d, ec);
+  }
+} scratch_dirs;
+
 fs::path temp_dir(const std::string& name) {
   fs::path d = fs::temp_directory_path() / ("llmtune-test-pretrain-" + name + "-" + std::to_string(::getpid()));
   fs::remove_all(d);
   fs::create_directories(d);
+  scratch_dirs.made.push_back(d);
   return d;
 }
 

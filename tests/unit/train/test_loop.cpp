@@ -15,8 +15,18 @@ namespace fs = std::filesystem;
 
 namespace {
 
+fs::path scratch_root() { return fs::temp_directory_path() / ("llmtune_test_train_" + std::to_string(::getpid())); }
+
+// This process's scratch directory goes when the test binary exits.
+struct ScratchCleanup {
+  ~ScratchCleanup() {
+    std::error_code ec;
+    fs::remove_all(scratch_root(), ec);
+  }
+} scratch_cleanup;
+
 fs::path fresh_dir(const std::string& name) {
-  fs::path d = fs::temp_directory_path() / ("llmtune_test_train_" + std::to_string(::getpid())) / name;
+  fs::path d = scratch_root() / name;
   fs::remove_all(d);
   fs::create_directories(d.parent_path());
   return d;
