@@ -66,7 +66,7 @@ TEST_CASE("clipped value loss") {
 }
 
 TEST_CASE("GRPO: group-normalised advantages, k3 KL and the token loss") {
-  auto a = align::group_advantages(torch::tensor({1.0f, 0, 0, 1, 1, 1, 1, 1}), 4);
+  auto a = align::group_advantages(torch::tensor({1.0f, 0.0f, 0.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f}), 4);
   const double s = 0.5 / (std::sqrt(1.0 / 3.0) + 1e-4);
   CHECK(a[0].item<double>() == Approx(s));
   CHECK(a[1].item<double>() == Approx(-s));
