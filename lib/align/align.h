@@ -304,4 +304,68 @@ using train::StageOptions;  // resume, dry_run (load data, print counts and the 
 int run_reward(const config::Recipe& recipe, const StageOptions& options = {});
 int run_dpo(const config::Recipe& recipe, const StageOptions& options = {});
 
+
+// =============================================================================================
+// PPO and GRPO (formats.md §9 PPO; TRL's PPOTrainer / GRPOTrainer formulas). Shapes: N rollout rows,
+// L response tokens (right-padded), mask [N, L] 1 on real response tokens.
+// =============================================================================================
+
+torch::Tensor masked_mean(const torch::Tensor& x, const torch::Tensor& mask);
+// Unbiased masked variance (TRL's masked_var with Bessel's correction).
+torch::Tensor masked_var(const torch::Tensor& x, const torch::Tensor& mask);
+// (x - mean) / sqrt(var + 1e-8) over the masked entries (mean added back when !shift_mean).
+torch::Tensor masked_whiten(const torch::Tensor& x, const torch::Tensor& mask, bool shift_mean = true);
+
+// GAE backwards over the response: delta_t = r_t + gamma V_{t+1} - V_t (V beyond the end = 0),
+// A_t = delta_t + gamma lam A_{t+1}; returns R = A + V. Outside the mask everything is 0.
+struct GaeResult {
+  torch::Tensor advantages, returns;  // [N, L] fp32
+};
+GaeResult gae(const torch::Tensor& rewards, const torch::Tensor& values, const torch::Tensor& mask, double gamma,
+              double lam);
+
+// Per-token rewards: -kl_coef (logp - ref_logp) on every response token, plus score on the last one.
+torch::Tensor ppo_token_rewards(const torch::Tensor& logp, const torch::Tensor& ref_logp, const torch::Tensor& mask,
+                                const torch::Tensor& scores, double kl_coef);
+
+// Clipped surrogate: per token max(-A ratio, -A clip(ratio, 1-eps, 1+eps)), ratio = exp(logp - old).
+struct PolicyLoss {
+  torch::Tensor per_token;  // [N, L] (differentiable)
+  torch::Tensor clipped;    // [N, L] bool: the clipped branch was taken (clip fraction)
+  torch::Tensor approx_kl;  // [N, L] 0.5 (logp - old)^2, detached
+};
+PolicyLoss ppo_policy_loss(const torch::Tensor& logp, const torch::Tensor& old_logp, const torch::Tensor& advantages,
+                           double cliprange);
+// 0.5 max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2) per token; clipped = second larger.
+struct ValueLoss {
+  torch::Tensor per_token, clipped;
+};
+ValueLoss ppo_value_loss(const torch::Tensor& values, const torch::Tensor& old_values, const torch::Tensor& returns,
+                         double cliprange_value);
+
+// GRPO: rewards [N] in groups of G consecutive rows; A_i = (r_i - mean_g) / (std_g + 1e-4), std unbiased.
+torch::Tensor group_advantages(const torch::Tensor& rewards, int64_t group_size);
+// k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1.
+torch::Tensor kl_k3(const torch::Tensor& logp, const torch::Tensor& ref_logp);
+// GRPO per-token loss: -min(ratio A, clip(ratio) A) + beta k3 (A broadcast over the row's tokens).
+torch::Tensor grpo_token_loss(const torch::Tensor& logp, const torch::Tensor& old_logp, const torch::Tensor& ref_logp,
+                              const torch::Tensor& advantages, double cliprange, double beta);
+
+// Adaptive KL controller (Ziegler et al. 2019): kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon.
+struct AdaptiveKl {
+  double value, target, horizon;
+  void update(double current_kl, int64_t n_steps);
+};
+
+// Built-in verifiable rewards: exact_match (completion text, trimmed, equals the reference answer,
+// trimmed) or regex (ECMAScript search of `pattern` in the completion; `{answer}` in the pattern is
+// replaced by the regex-escaped reference answer). 1.0 or 0.0.
+struct VerifiableReward {
+  std::string type = "exact_match";  // exact_match | regex
+  std::string pattern;
+  double score(const std::string& completion, const std::string& answer) const;
+};
+
+int run_ppo(const config::Recipe& recipe, const StageOptions& options = {});
+
 }  // namespace llmtune::align

@@ -94,6 +94,11 @@ struct TrlConfig {
   bool whiten_rewards = false;
   int64_t response_length = 53;
   std::optional<double> missing_eos_penalty;
+  double top_p = 1.0;                            // (llmtune) nucleus sampling for rollouts
+  bool adaptive_kl = false;                      // PPO: adaptive KL controller (Ziegler et al.)
+  double target_kl = 6.0;                        // PPO: its target KL per sequence
+  double kl_horizon = 10000;                     // PPO: its horizon (in rollout samples)
+  std::optional<std::string> reward_pattern;     // regex reward: pattern ({answer} = reference answer)
   bool operator==(const TrlConfig&) const = default;
 };
 

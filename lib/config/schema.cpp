@@ -371,7 +371,7 @@ const std::vector<Field<TrlConfig>>& trl_fields() {
       key("trl", "beta", &T::beta, "GRPO: KL coefficient (default 0.04)").with_range(0, 1e9),
       key("trl", "max_completion_length", &T::max_completion_length, "GRPO: maximum generated tokens (default 256)").with_range(1, 1e9),
       key("trl", "num_generations", &T::num_generations, "GRPO: completions per prompt (default 8)").with_range(2, 1e9),
-      key("trl", "reward_funcs", &T::reward_funcs, "GRPO: reward functions or reward model paths"),
+      key("trl", "reward_funcs", &T::reward_funcs, "reward functions (exact_match, regex) or a reward model directory; PPO and GRPO"),
       key("trl", "reward_weights", &T::reward_weights, "GRPO: weight of each reward function"),
       key("trl", "temperature", &T::temperature, "sampling temperature (default 1.0 for grpo, 0.7 for ppo)").with_range(0, 1e9, true),
       noop("trl", "use_vllm", &T::use_vllm, "generate with vLLM", "llmtune generates with its own KV-cache sampler"),
@@ -388,6 +388,11 @@ const std::vector<Field<TrlConfig>>& trl_fields() {
       key("trl", "whiten_rewards", &T::whiten_rewards, "PPO: whiten rewards"),
       key("trl", "response_length", &T::response_length, "PPO: generated tokens per rollout").with_range(1, 1e9),
       key("trl", "missing_eos_penalty", &T::missing_eos_penalty, "PPO/GRPO: reward penalty when no EOS is generated"),
+      key("trl", "top_p", &T::top_p, "(llmtune) PPO/GRPO: nucleus sampling for rollouts (1 = off)").with_range(0, 1, true),
+      key("trl", "adaptive_kl", &T::adaptive_kl, "(llmtune) PPO: adapt kl_coef towards target_kl (Ziegler et al. 2019)"),
+      key("trl", "target_kl", &T::target_kl, "(llmtune) PPO: target KL per sequence for adaptive_kl (default 6)").with_range(0, 1e9, true),
+      key("trl", "kl_horizon", &T::kl_horizon, "(llmtune) PPO: adaptive_kl horizon in samples (default 10000)").with_range(0, 1e12, true),
+      key("trl", "reward_pattern", &T::reward_pattern, "(llmtune) reward_funcs: [regex]: pattern searched in the completion; {answer} = the record's answer"),
   };
   return t;
 }

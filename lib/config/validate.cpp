@@ -228,11 +228,13 @@ void validate_for_stage(const Recipe& r, std::string_view stage) {
       fail("{}: `adapter: {}` cannot train a reward head; use lora, qlora or a full fine-tune", src, *r.adapter);
   } else if (stage == "ppo") {
     if (r.rl && *r.rl != "ppo" && *r.rl != "grpo") wrong_rl("`llmtune ppo` runs rl: ppo or grpo");
-    if (r.rl == "grpo") {
-      if (r.trl.reward_funcs.empty()) fail("{}: `rl: grpo` needs `trl.reward_funcs` (reward functions or reward model paths)", src);
-    } else if (!r.trl.reward_model_path) {
-      fail("{}: `llmtune ppo` needs `trl.reward_model_path` (a reward model trained with `llmtune reward`)", src);
-    }
+    if (r.trl.reward_funcs.empty() && !r.trl.reward_model_path)
+      fail("{}: `llmtune ppo` needs a reward: `trl.reward_funcs: [exact_match]` or `[regex]` (with trl.reward_pattern) "
+           "against each record's answer, or `trl.reward_model_path` (a reward model trained with `llmtune reward`)", src);
+    if (r.trl.reward_funcs.size() + (r.trl.reward_model_path ? 1 : 0) > 1)
+      fail("{}: llmtune ppo takes one reward: a single trl.reward_funcs entry or trl.reward_model_path", src);
+    for (const auto& f : r.trl.reward_funcs)
+      if (f == "regex" && !r.trl.reward_pattern) fail("{}: `trl.reward_funcs: [regex]` needs `trl.reward_pattern`", src);
   }
 }
 
