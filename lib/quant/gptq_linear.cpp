@@ -10,6 +10,7 @@
 #include "core/core.h"
 #include "io/io.h"
 #include "quant/quant.h"
+#include "quant/quant_impl.h"
 
 namespace llmtune::quant {
 
@@ -51,16 +52,9 @@ nlohmann::json GroupQuantConfig::to_json() const {
 }
 
 std::optional<GroupQuantConfig> checkpoint_group_quant(const fs::path& dir) {
-  std::ifstream f(dir / "config.json");
-  if (!f) return std::nullopt;
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(f);
-  } catch (...) {
-    return std::nullopt;
-  }
-  if (!j.contains("quantization_config")) return std::nullopt;
-  const auto& q = j["quantization_config"];
+  const auto stored = detail::stored_quantization_config(dir);
+  if (!stored) return std::nullopt;
+  const auto& q = *stored;
   const std::string src = (dir / "config.json").string() + ": quantization_config";
   GroupQuantConfig c;
   c.method = q.value("quant_method", std::string());

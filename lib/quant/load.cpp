@@ -11,6 +11,7 @@
 #include "core/core.h"
 #include "io/io.h"
 #include "quant/quant.h"
+#include "quant/quant_impl.h"
 
 namespace llmtune::quant {
 
@@ -68,7 +69,8 @@ QuantOptions QuantOptions::from_json(const nlohmann::json& j, const std::string&
   return o;
 }
 
-std::optional<QuantOptions> checkpoint_quantization(const fs::path& dir) {
+namespace detail {
+std::optional<nlohmann::json> stored_quantization_config(const fs::path& dir) {
   std::ifstream f(dir / "config.json");
   if (!f) return std::nullopt;
   nlohmann::json j;
@@ -78,7 +80,14 @@ std::optional<QuantOptions> checkpoint_quantization(const fs::path& dir) {
     return std::nullopt;
   }
   if (!j.contains("quantization_config")) return std::nullopt;
-  const auto& q = j["quantization_config"];
+  return j["quantization_config"];
+}
+}  // namespace detail
+
+std::optional<QuantOptions> checkpoint_quantization(const fs::path& dir) {
+  const auto stored = detail::stored_quantization_config(dir);
+  if (!stored) return std::nullopt;
+  const auto& q = *stored;
   const std::string src = (dir / "config.json").string();
   const std::string method = q.value("quant_method", std::string());
   if (method == "gptq" || method == "awq") return std::nullopt;  // checkpoint_group_quant reads those

@@ -3,7 +3,10 @@
 #pragma once
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "quant/quant.h"
 
@@ -33,5 +36,9 @@ void dequant_avx2(const View4& v, int64_t i0, int64_t i1, float* f32, uint16_t* 
 void gemv_avx2(const View4& v, const float* x, int64_t N, float* y, int64_t r0, int64_t r1);
 void dequant_avx512(const View4& v, int64_t i0, int64_t i1, float* f32, uint16_t* bf16);
 void gemv_avx512(const View4& v, const float* x, int64_t N, float* y, int64_t r0, int64_t r1);
+
+// The `quantization_config` object of DIR/config.json; nullopt when the file is missing, unreadable or has
+// none (then the checkpoint is not quantized). Shared by the bitsandbytes and the GPTQ/AWQ readers.
+std::optional<nlohmann::json> stored_quantization_config(const fs::path& dir);
 
 }  // namespace llmtune::quant::detail
