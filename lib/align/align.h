@@ -116,8 +116,10 @@ train::Batch make_preference_batch(const std::vector<PreferenceExample>& example
 // A seeded, resumable stream of preference batches (shuffled per epoch unless shuffle is false).
 class PreferenceBatchSource : public train::BatchSource {
  public:
+  // Several processes: batch k of an epoch goes to rank k % world_size, and the tail that does not
+  // divide evenly is dropped, so every rank takes the same number of steps (DDP runs in lockstep).
   PreferenceBatchSource(const std::vector<PreferenceExample>& examples, DataKind kind, int64_t batch_size,
-                        int32_t pad_id, bool shuffle, uint64_t seed);
+                        int32_t pad_id, bool shuffle, uint64_t seed, int rank = 0, int world_size = 1);
   // Reference log-probs per example (from precompute_reference_log_probs): [N, rows per example].
   void set_reference_log_probs(torch::Tensor ref) { ref_ = std::move(ref); }
   void set_epoch(int64_t epoch) override;
@@ -133,7 +135,8 @@ class PreferenceBatchSource : public train::BatchSource {
   int32_t pad_id_;
   bool shuffle_;
   uint64_t seed_;
-  int64_t epoch_ = 0, pos_ = 0;
+  int rank_, world_size_;
+  int64_t epoch_ = 0, index_ = 0;  // index_: this rank's next batch of the epoch
   std::vector<int64_t> order_;
   torch::Tensor ref_;
 };

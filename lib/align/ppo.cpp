@@ -3,9 +3,13 @@
 // KV-cache generator (eval mode, no grad), scores them (verifiable reward or reward model), computes
 // old log-probs, reference log-probs and values, the advantages (GAE + whitening for PPO, group
 // normalisation for GRPO), and queues ppo_epochs x num_mini_batches mini-batches; the objective is
-// the clipped PPO/GRPO loss on one mini-batch, so one loop step = one optimizer update. Caveats:
-// single process; resume continues from the checkpointed rollout counter (sampling seeds are derived
-// from it) but a rollout interrupted half-way is re-sampled, so resume is not bitwise exact.
+// the clipped PPO/GRPO loss on one mini-batch, so one loop step = one optimizer update.
+// Several processes (`llmtune launch`): each rollout takes micro_batch_size prompts per rank (rank r
+// samples with its own seed), lib/dist averages the gradients, rank 0 writes.
+// Resume is exact: sampling seeds derive from the rollout counter; a checkpoint taken half-way
+// through a rollout's mini-batches stores the rest of them (rollout_queue.safetensors), and
+// periodic checkpoints fall on rollout boundaries, where nothing is pending, so several ranks
+// (whose queues rank 0 cannot see) resume exactly too.
 #include <deque>
 #include <fstream>
 #include <set>
@@ -113,8 +117,10 @@ class RolloutSource : public train::BatchSource {
  public:
   RolloutSource(PolicyValueImpl& pv, ReferenceModel& ref, std::optional<RewardModel>& rm,
                 std::optional<VerifiableReward> vr, const std::vector<PreferenceExample>& ex,
-                const tok::Tokenizer& tok, RlSettings& s, int32_t pad, std::vector<int64_t> eos)
-      : pv_(pv), ref_(ref), rm_(rm), vr_(std::move(vr)), ex_(ex), tok_(tok), s_(s), pad_(pad), eos_(std::move(eos)) {}
+                const tok::Tokenizer& tok, RlSettings& s, int32_t pad, std::vector<int64_t> eos, int rank = 0,
+                int world_size = 1)
+      : pv_(pv), ref_(ref), rm_(rm), vr_(std::move(vr)), ex_(ex), tok_(tok), s_(s), pad_(pad), eos_(std::move(eos)),
+        rank_(rank), world_size_(world_size) {}
 
   void set_epoch(int64_t epoch) override {
     epoch_ = epoch;
@@ -126,25 +132,92 @@ class RolloutSource : public train::BatchSource {
     auto perm = torch::randperm(static_cast<int64_t>(ex_.size()), gen, torch::kLong);
     for (size_t i = 0; i < ex_.size(); ++i) order_[i] = perm[static_cast<int64_t>(i)].item<int64_t>();
   }
-  int64_t rollouts_per_epoch() const { return (static_cast<int64_t>(ex_.size()) + s_.prompts - 1) / s_.prompts; }
-  int64_t batches_per_epoch() const override { return rollouts_per_epoch() * s_.epochs * s_.mini_batches; }
-  nlohmann::json state() const override { return {{"epoch", epoch_}, {"pos", pos_}, {"rollouts", rollouts_}}; }
+  // One process: every prompt, the last rollout possibly short. Several: whole rounds only, so
+  // every rank takes the same number of steps.
+  int64_t rollouts_per_epoch() const {
+    const int64_t n = static_cast<int64_t>(ex_.size()), round = s_.prompts * world_size_;
+    return world_size_ == 1 ? (n + s_.prompts - 1) / s_.prompts : n / round;
+  }
+  int64_t updates_per_rollout() const { return s_.epochs * s_.mini_batches; }
+  int64_t batches_per_epoch() const override { return rollouts_per_epoch() * updates_per_rollout(); }
+  nlohmann::json state() const override {
+    nlohmann::json j = {{"epoch", epoch_}, {"pos", pos_}, {"rollouts", rollouts_}, {"queued", queue_.size()},
+                        {"world_size", world_size_}};
+    if (s_.adaptive) j["kl_coef"] = s_.adaptive->value;  // the adaptive controller's state
+    return j;
+  }
   void load_state(const nlohmann::json& j) override {
+    if (j.value("world_size", 1) != world_size_)
+      fail("ppo: cannot resume a {}-process run on {} processes (each rank's rollout seeds and prompts depend on the "
+           "number of ranks)", j.value("world_size", 1), world_size_);
     set_epoch(j.at("epoch"));
     pos_ = j.at("pos");
     rollouts_ = j.at("rollouts");
+    pending_ = j.value("queued", int64_t{0});
+    if (s_.adaptive && j.contains("kl_coef")) s_.adaptive->value = j.at("kl_coef").get<double>();
   }
   std::optional<train::Batch> next() override {
+    if (pending_ > 0) {
+      // The checkpoint was taken half-way through a rollout and rollout_queue.safetensors was not
+      // there (several ranks): sample the next rollout instead of the lost rest.
+      log::warn(fmt::format("ppo: {} mini-batches of the interrupted rollout were not in the checkpoint; continuing "
+                            "with the next rollout (not bitwise exact)", pending_));
+      pending_ = 0;
+    }
     if (queue_.empty()) {
-      if (pos_ >= static_cast<int64_t>(ex_.size())) return std::nullopt;
+      if (pos_ / (s_.prompts * world_size_) >= rollouts_per_epoch()) return std::nullopt;
       std::vector<int64_t> idx;
-      for (int64_t i = pos_; i < std::min<int64_t>(pos_ + s_.prompts, ex_.size()); ++i) idx.push_back(order_[i]);
-      pos_ += s_.prompts;
+      const int64_t begin = pos_ + rank_ * s_.prompts;
+      for (int64_t i = begin; i < std::min<int64_t>(begin + s_.prompts, ex_.size()); ++i) idx.push_back(order_[i]);
+      pos_ += s_.prompts * world_size_;
       rollout(idx);
     }
     auto b = std::move(queue_.front());
     queue_.pop_front();
     return b;
+  }
+
+  // The mini-batches still queued, written into a checkpoint (one process) and read back on resume.
+  static constexpr const char* kQueueFile = "rollout_queue.safetensors";
+  void save_queue(const fs::path& dir) const {
+    if (queue_.empty() || world_size_ > 1) return;  // rank 0 alone writes: other ranks' queues are not here
+    std::vector<std::pair<std::string, torch::Tensor>> t;
+    for (size_t k = 0; k < queue_.size(); ++k) {
+      const auto& b = queue_[k];
+      const std::string p = fmt::format("q{}.", k);
+      t.emplace_back(p + "input_ids", b.input_ids.cpu());
+      t.emplace_back(p + "attention_mask", b.attention_mask.cpu());
+      for (const auto& [name, v] : b.extra) t.emplace_back(p + "extra." + name, v.cpu().contiguous());
+    }
+    io::safetensors_save(dir / kQueueFile, t);
+  }
+  void load_queue(const fs::path& dir) {
+    if (!fs::exists(dir / kQueueFile)) return;
+    auto f = io::SafetensorsFile::open(dir / kQueueFile);  // shared_ptr
+    const auto dev = pv_.net->decoder->embed_tokens->weight.device();
+    std::map<int64_t, train::Batch> by_index;
+    for (const auto& name : f->names()) {
+      const auto dot = name.find('.');
+      const int64_t k = std::stoll(name.substr(1, dot - 1));
+      const std::string field = name.substr(dot + 1);
+      auto v = f->load(name).clone().to(dev);
+      auto& b = by_index[k];
+      if (field == "input_ids") b.input_ids = v;
+      else if (field == "attention_mask") b.attention_mask = v;
+      else if (field.rfind("extra.", 0) == 0) b.extra[field.substr(6)] = v;
+      else fail("{}: unexpected tensor {}", (dir / kQueueFile).string(), name);
+    }
+    if (static_cast<int64_t>(by_index.size()) != pending_)
+      fail("{}: holds {} mini-batches but the checkpoint's data state says {}", (dir / kQueueFile).string(),
+           by_index.size(), pending_);
+    queue_.clear();
+    for (auto& [k, b] : by_index) {
+      b.labels = b.input_ids;
+      b.num_target_tokens = static_cast<int64_t>(b.extra.at("response_mask").sum().item<double>());
+      b.num_tokens = b.attention_mask.sum().item<int64_t>();
+      queue_.push_back(std::move(b));
+    }
+    pending_ = 0;
   }
 
  private:
@@ -170,7 +243,7 @@ class RolloutSource : public train::BatchSource {
     gc.max_new_tokens = s_.max_new_tokens;
     gc.eos_token_ids = eos_;
     gc.pad_token_id = pad_;
-    gc.seed = s_.seed * 7919 + static_cast<uint64_t>(rollouts_);
+    gc.seed = s_.seed * 7919 + static_cast<uint64_t>(rollouts_) + static_cast<uint64_t>(rank_) * 0x9E3779B97F4A7C15ULL;
     auto out = model::generate_batch(net, prompts, gc);
     ++rollouts_;
     const int64_t N = static_cast<int64_t>(prompts.size());
@@ -277,7 +350,8 @@ class RolloutSource : public train::BatchSource {
   RlSettings& s_;
   int32_t pad_;
   std::vector<int64_t> eos_;
-  int64_t epoch_ = 0, pos_ = 0, rollouts_ = 0;
+  int rank_, world_size_;
+  int64_t epoch_ = 0, pos_ = 0, rollouts_ = 0, pending_ = 0;
   std::vector<int64_t> order_;
   std::deque<train::Batch> queue_;
 };
@@ -370,10 +444,12 @@ int run_ppo(const config::Recipe& recipe, const StageOptions& so) {
   config::validate_for_stage(recipe, "ppo");
   RlSettings s = settings_from_recipe(recipe);
   const char* name = s.grpo ? "grpo" : "ppo";
+  std::unique_ptr<train::Parallel> par = so.dry_run ? nullptr : train::init_parallel(recipe);
+  const int rank = par ? par->rank() : 0, world_size = par ? par->world_size() : 1;
   const fs::path model_dir = io::resolve_model_path(*recipe.base_model);
   const fs::path tok_dir = recipe.tokenizer_config ? io::resolve_model_path(*recipe.tokenizer_config) : model_dir;
   auto tokenizer = tok::Tokenizer::load(tok_dir);
-  const auto device = train::stage_device();
+  const auto device = par ? par->device() : train::stage_device();
   const auto precision = train::stage_precision(recipe, device);
   const auto dtype = train::precision_dtype(precision);
   model::LoadOptions lo;
@@ -424,8 +500,19 @@ int run_ppo(const config::Recipe& recipe, const StageOptions& so) {
   // Chat models end a turn with their template's end token; stop there too.
   for (const char* t : {"<|im_end|>", "<|eot_id|>", "<|end|>"})
     if (auto id = tokenizer->token_to_id(t)) eos.push_back(*id);
-  RolloutSource src(*pv, *ref, rm, vr, data.train, *tokenizer, s, pad, eos);
-  train::TrainOptions topt = train::train_options_from_recipe(recipe, src.batches_per_epoch());
+  RolloutSource src(*pv, *ref, rm, vr, data.train, *tokenizer, s, pad, eos, rank, world_size);
+  if (src.rollouts_per_epoch() == 0)
+    fail("{}: {} prompts are fewer than one rollout of micro_batch_size {} x {} processes", name, data.train.size(),
+         s.prompts, world_size);
+  train::TrainOptions topt = train::train_options_from_recipe(recipe, src.batches_per_epoch(), rank, world_size);
+  // Periodic checkpoints on rollout boundaries: nothing is pending there, so resume is exact on any
+  // number of ranks (rank 0 cannot save the other ranks' queued mini-batches).
+  if (const int64_t u = src.updates_per_rollout(); topt.save_steps > 0 && topt.save_steps % u != 0) {
+    const int64_t aligned = (topt.save_steps + u - 1) / u * u;
+    log::info(fmt::format("{}: save_steps {} -> {} (a multiple of the {} updates per rollout)", name, topt.save_steps,
+                          aligned, u));
+    topt.save_steps = aligned;
+  }
   topt.precision = precision;
   topt.progress = so.progress && !so.dry_run;
   topt.gradient_accumulation_steps = 1;  // one mini-batch = one update (TRL's PPO step)
@@ -442,22 +529,31 @@ int run_ppo(const config::Recipe& recipe, const StageOptions& so) {
   // ---- train -------------------------------------------------------------------------------------
   const fs::path out = recipe.output_dir;
   fs::create_directories(out);
-  config::save_resolved(recipe, out);
+  if (rank == 0) config::save_resolved(recipe, out);
+  // Held-out reward: every rank computes it (same weights, same greedy completions), so no rank
+  // waits for another.
   const double before = held_out_reward(*net, data.val, *tokenizer, vr, rm, s.max_new_tokens, pad, eos);
   if (!data.val.empty()) log::info(fmt::format("{}: held-out mean reward before training {:.4f} ({} prompts, greedy)", name, before, data.val.size()));
   RlObjective objective(*pv, s);
   train::TrainHooks hooks;
-  hooks.save_extra = [&](const fs::path& dir) { peft::save_trained(*net, setup, dir); };
+  hooks.save_extra = [&](const fs::path& dir) {
+    peft::save_trained(*net, setup, dir);
+    src.save_queue(dir);
+  };
+  hooks.load_extra = [&](const fs::path& dir) { src.load_queue(dir); };
   if (!data.val.empty())
     hooks.evaluate_extra = [&](int64_t) -> std::map<std::string, double> {
       return {{"reward", held_out_reward(*net, data.val, *tokenizer, vr, rm, s.max_new_tokens, pad, eos)}};
     };
   train::SigintStop sigint;
   hooks.should_stop = [](int64_t) { return train::SigintStop::requested(); };
+  if (par) par->attach(*pv, hooks);  // DDP/ZeRO; should_stop becomes a vote of all ranks
   auto result = train::run_training(*pv, objective, src, nullptr, topt, hooks);
 
   // ---- outputs -----------------------------------------------------------------------------------
   const double after = held_out_reward(*net, data.val, *tokenizer, vr, rm, s.max_new_tokens, pad, eos);
+  if (par) par->barrier();  // every rank finished before rank 0 writes
+  if (rank != 0) return 0;
   peft::save_trained(*net, setup, out);
   if (pv->v_head) io::safetensors_save(out / "value_head.safetensors", {{"v_head.weight", pv->v_head->weight.detach().cpu()}});
   train::stage_copy_tokenizer_files(tok_dir, out);

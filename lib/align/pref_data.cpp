@@ -547,15 +547,17 @@ train::Batch make_preference_batch(const std::vector<PreferenceExample>& ex, con
 }
 
 PreferenceBatchSource::PreferenceBatchSource(const std::vector<PreferenceExample>& examples, DataKind kind,
-                                             int64_t batch_size, int32_t pad_id, bool shuffle, uint64_t seed)
+                                             int64_t batch_size, int32_t pad_id, bool shuffle, uint64_t seed, int rank,
+                                             int world_size)
     : ex_(examples), kind_(kind), batch_size_(std::max<int64_t>(1, batch_size)), pad_id_(pad_id), shuffle_(shuffle),
-      seed_(seed) {
+      seed_(seed), rank_(rank), world_size_(std::max(1, world_size)) {
+  if (rank_ < 0 || rank_ >= world_size_) fail("PreferenceBatchSource: rank {} is outside world size {}", rank_, world_size_);
   set_epoch(0);
 }
 
 void PreferenceBatchSource::set_epoch(int64_t epoch) {
   epoch_ = epoch;
-  pos_ = 0;
+  index_ = 0;
   const int64_t n = static_cast<int64_t>(ex_.size());
   if (shuffle_) {
     order_ = data::permutation(n, data::derive_seed(seed_, static_cast<uint64_t>(epoch), 0xa11));
@@ -566,20 +568,22 @@ void PreferenceBatchSource::set_epoch(int64_t epoch) {
 }
 
 std::optional<train::Batch> PreferenceBatchSource::next() {
+  if (index_ >= batches_per_epoch()) return std::nullopt;
   const int64_t n = static_cast<int64_t>(order_.size());
-  if (pos_ >= n) return std::nullopt;
-  const int64_t end = std::min(n, pos_ + batch_size_);
-  std::vector<int64_t> idx(order_.begin() + pos_, order_.begin() + end);
-  pos_ = end;
+  const int64_t global = index_ * world_size_ + rank_;  // the epoch's batch number
+  const int64_t begin = global * batch_size_, end = std::min(n, begin + batch_size_);
+  std::vector<int64_t> idx(order_.begin() + begin, order_.begin() + end);
+  ++index_;
   return make_preference_batch(ex_, idx, kind_, pad_id_, ref_);
 }
 
 int64_t PreferenceBatchSource::batches_per_epoch() const {
-  return (static_cast<int64_t>(ex_.size()) + batch_size_ - 1) / batch_size_;
+  const int64_t all = (static_cast<int64_t>(ex_.size()) + batch_size_ - 1) / batch_size_;
+  return world_size_ == 1 ? all : all / world_size_;  // several ranks: whole rounds only
 }
 
 nlohmann::json PreferenceBatchSource::state() const {
-  return {{"epoch", epoch_}, {"pos", pos_}, {"seed", seed_}, {"examples", ex_.size()}};
+  return {{"epoch", epoch_}, {"index", index_}, {"seed", seed_}, {"examples", ex_.size()}, {"world_size", world_size_}};
 }
 
 void PreferenceBatchSource::load_state(const nlohmann::json& s) {
@@ -588,7 +592,15 @@ void PreferenceBatchSource::load_state(const nlohmann::json& s) {
          "its filters changed", s.value("examples", int64_t(-1)), ex_.size());
   seed_ = s.at("seed").get<uint64_t>();
   set_epoch(s.at("epoch").get<int64_t>());
-  pos_ = s.at("pos").get<int64_t>();
+  // Older checkpoints stored `pos` (examples consumed on one rank).
+  const int64_t old_ws = s.value("world_size", int64_t{1});
+  const int64_t done = s.contains("index") ? s.at("index").get<int64_t>() * old_ws
+                                            : (s.at("pos").get<int64_t>() + batch_size_ - 1) / batch_size_;
+  // `done` batches of the epoch are consumed; on another world size continue at the next whole round.
+  index_ = (done + world_size_ - 1) / world_size_;
+  if (index_ * world_size_ != done)
+    log::warn(fmt::format("data: resuming batch {} of the epoch on {} ranks (was {}); {} batch(es) are skipped to keep "
+                          "the ranks in step", done, world_size_, old_ws, index_ * world_size_ - done));
 }
 
 }  // namespace llmtune::align

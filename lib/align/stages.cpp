@@ -1,7 +1,9 @@
 // The `llmtune reward` and `llmtune dpo` stages, each one function that reads top to bottom:
-// model → adapter → data → reference → objective → the shared loop → outputs. Caveats: single process
-// (no DDP wiring yet); with `lora_model_dir` the reference is the base without any adapter (TRL keeps a
-// copy of the loaded adapter instead); reference log-probs are precomputed per run, not saved.
+// model → adapter → data → reference → objective → the shared loop → outputs. Under `llmtune launch`
+// each rank takes every world_size-th batch and lib/dist (DDP / ZeRO-1/2) keeps the weights in step;
+// rank 0 alone writes. Caveats: with `lora_model_dir` the reference is the base without any adapter
+// (TRL keeps a copy of the loaded adapter instead); reference log-probs are precomputed per run (on
+// every rank, for all examples), not saved.
 #include <cstdio>
 #include <fstream>
 
@@ -28,13 +30,13 @@ struct Loaded {
   model::Transformer net{nullptr};
 };
 
-Loaded load_base(const config::Recipe& r, const char* stage) {
+Loaded load_base(const config::Recipe& r, const char* stage, const train::Parallel* par) {
   Loaded l;
   l.model_dir = io::resolve_model_path(*r.base_model);
   l.tok_dir = r.tokenizer_config ? io::resolve_model_path(*r.tokenizer_config) : l.model_dir;
   l.tokenizer = tok::Tokenizer::load(l.tok_dir);
   for (const auto& w : l.tokenizer->warnings()) log::warn(w);
-  l.device = train::stage_device();
+  l.device = par ? par->device() : train::stage_device();
   l.precision = train::stage_precision(r, l.device);
   l.dtype = train::precision_dtype(l.precision);
   log::info(fmt::format("{}: base model {} on {} in {}", stage, l.model_dir.string(), l.device.str(),
@@ -82,7 +84,9 @@ int64_t total_steps(const train::TrainOptions& t, int64_t batches_per_epoch) {
 // =============================================================================================
 int run_reward(const config::Recipe& recipe, const StageOptions& so) {
   config::validate_for_stage(recipe, "reward");
-  Loaded base = load_base(recipe, "reward");
+  std::unique_ptr<train::Parallel> par = so.dry_run ? nullptr : train::init_parallel(recipe);
+  const int rank = par ? par->rank() : 0, world_size = par ? par->world_size() : 1;
+  Loaded base = load_base(recipe, "reward", par.get());
 
   // ---- adapter, then the head (after freezing, so the head stays trainable) --------------------
   peft::TrainingSetup setup = peft::prepare_for_training(*base.net, recipe, static_cast<uint64_t>(recipe.seed));
@@ -100,14 +104,14 @@ int run_reward(const config::Recipe& recipe, const StageOptions& so) {
   if (data.train.empty()) fail("reward: no training pairs left after filtering (see the table above)");
   const int32_t pad = pad_id_of(*base.tokenizer);
   PreferenceBatchSource train_src(data.train, DataKind::paired, recipe.micro_batch_size, pad, true,
-                                  static_cast<uint64_t>(recipe.seed));
+                                  static_cast<uint64_t>(recipe.seed), rank, world_size);
   std::unique_ptr<PreferenceBatchSource> val_src;
   if (!data.val.empty() && recipe.eval_strategy.value_or("steps") != "no")
     val_src = std::make_unique<PreferenceBatchSource>(data.val, DataKind::paired,
                                                       recipe.eval_batch_size.value_or(recipe.micro_batch_size), pad,
-                                                      false, 0);
+                                                      false, 0, rank, world_size);
 
-  train::TrainOptions topt = train::train_options_from_recipe(recipe, train_src.batches_per_epoch());
+  train::TrainOptions topt = train::train_options_from_recipe(recipe, train_src.batches_per_epoch(), rank, world_size);
   topt.precision = base.precision;
   topt.progress = so.progress && !so.dry_run;
   if (!so.resume.empty()) topt.resume = so.resume;
@@ -120,13 +124,16 @@ int run_reward(const config::Recipe& recipe, const StageOptions& so) {
   // ---- train ------------------------------------------------------------------------------------
   const fs::path out = recipe.output_dir;
   fs::create_directories(out);
-  config::save_resolved(recipe, out);
+  if (rank == 0) config::save_resolved(recipe, out);
   RewardObjective objective(rm, base.device, recipe.gradient_checkpointing,
                             recipe.center_rewards_coefficient.value_or(0.0));
   train::TrainHooks hooks;
   train::SigintStop sigint;
   hooks.should_stop = [](int64_t) { return train::SigintStop::requested(); };
+  if (par) par->attach(*base.net, hooks);  // DDP/ZeRO; should_stop becomes a vote of all ranks
   auto result = train::run_training(*base.net, objective, train_src, val_src.get(), topt, hooks);
+  if (par) par->barrier();  // every rank finished before rank 0 writes
+  if (rank != 0) return 0;
 
   // ---- outputs: a *ForSequenceClassification checkpoint (LoRA merged), plus the adapter --------
   if (setup.lora) {
@@ -147,7 +154,9 @@ int run_reward(const config::Recipe& recipe, const StageOptions& so) {
 int run_dpo(const config::Recipe& recipe, const StageOptions& so) {
   config::validate_for_stage(recipe, "dpo");
   const LossConfig loss = loss_config_from_recipe(recipe);
-  Loaded base = load_base(recipe, "dpo");
+  std::unique_ptr<train::Parallel> par = so.dry_run ? nullptr : train::init_parallel(recipe);
+  const int rank = par ? par->rank() : 0, world_size = par ? par->world_size() : 1;
+  Loaded base = load_base(recipe, "dpo", par.get());
   model::TransformerImpl& policy = *base.net;
 
   // ---- adapter ----------------------------------------------------------------------------------
@@ -169,13 +178,13 @@ int run_dpo(const config::Recipe& recipe, const StageOptions& so) {
   if (data.train.empty()) fail("dpo: no training examples left after filtering (see the table above)");
   const int32_t pad = pad_id_of(*base.tokenizer);
   PreferenceBatchSource train_src(data.train, kind, recipe.micro_batch_size, pad, true,
-                                  static_cast<uint64_t>(recipe.seed));
+                                  static_cast<uint64_t>(recipe.seed), rank, world_size);
   std::unique_ptr<PreferenceBatchSource> val_src;
   if (!data.val.empty() && recipe.eval_strategy.value_or("steps") != "no")
     val_src = std::make_unique<PreferenceBatchSource>(data.val, kind,
                                                       recipe.eval_batch_size.value_or(recipe.micro_batch_size), pad,
-                                                      false, 0);
-  train::TrainOptions topt = train::train_options_from_recipe(recipe, train_src.batches_per_epoch());
+                                                      false, 0, rank, world_size);
+  train::TrainOptions topt = train::train_options_from_recipe(recipe, train_src.batches_per_epoch(), rank, world_size);
   topt.precision = base.precision;
   topt.progress = so.progress && !so.dry_run;
   if (!so.resume.empty()) topt.resume = so.resume;
@@ -220,23 +229,26 @@ int run_dpo(const config::Recipe& recipe, const StageOptions& so) {
   // ---- train ------------------------------------------------------------------------------------
   const fs::path out = recipe.output_dir;
   fs::create_directories(out);
-  config::save_resolved(recipe, out);
+  if (rank == 0) config::save_resolved(recipe, out);
   PreferenceObjective objective(policy, live_ref, loss, base.device, lp);
   train::TrainHooks hooks;
   hooks.save_extra = [&](const fs::path& dir) { peft::save_trained(policy, setup, dir); };
   train::SigintStop sigint;
   hooks.should_stop = [](int64_t) { return train::SigintStop::requested(); };
+  if (par) par->attach(policy, hooks);  // DDP/ZeRO; should_stop becomes a vote of all ranks
   auto result = train::run_training(policy, objective, train_src, val_src.get(), topt, hooks);
+  if (par) par->barrier();  // every rank finished before rank 0 writes
 
   // ---- outputs ----------------------------------------------------------------------------------
   const std::string after = frozen_fingerprint(policy);
   if (setup.lora) {
     nlohmann::json check = {{"frozen_weights_before", before}, {"frozen_weights_after", after},
                             {"unchanged", before == after}};
-    std::ofstream(out / "reference_check.json") << check.dump(2) << "\n";
+    if (rank == 0) std::ofstream(out / "reference_check.json") << check.dump(2) << "\n";
     if (before != after) fail("dpo: the frozen base (the reference) changed during training; this is a bug");
     log::info(fmt::format("dpo: reference weights unchanged (fingerprint {})", after));
   }
+  if (rank != 0) return 0;
   peft::save_trained(policy, setup, out);
   train::stage_copy_tokenizer_files(base.tok_dir, out);
   log::notice(fmt::format("dpo: {} after {} steps (last loss {:.4f}{}); {} written to {}",
