@@ -5,6 +5,7 @@
 #include <fmt/ranges.h>
 
 #include "core/core.h"
+#include "model/half_compute.h"
 #include "model/model.h"
 
 namespace llmtune::model {
@@ -17,7 +18,7 @@ DenseLinearImpl::DenseLinearImpl(int64_t in, int64_t out, bool has_bias, torch::
   if (has_bias) bias = register_parameter("bias", torch::empty({out}, o));
 }
 
-torch::Tensor DenseLinearImpl::forward(const torch::Tensor& x) { return torch::linear(x, weight, bias); }
+torch::Tensor DenseLinearImpl::forward(const torch::Tensor& x) { return detail::linear(x, weight, bias); }
 
 LinearPtr make_dense_linear(const LinearSpec& s) {
   return std::make_shared<DenseLinearImpl>(s.in_features, s.out_features, s.bias, s.options);
@@ -94,8 +95,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const LayerInputs& 
   bool causal = sliding ? in.causal_sliding : in.causal_full;
   std::optional<torch::Tensor> m;
   if (mask.defined()) m = mask;
-  auto y = at::scaled_dot_product_attention(q, k, v, m, 0.0, causal && !mask.defined(), std::nullopt,
-                                            /*enable_gqa=*/n_kv_heads != n_heads);
+  auto y = detail::attention(q, k, v, m, causal && !mask.defined(), /*gqa=*/n_kv_heads != n_heads);
   y = y.transpose(1, 2).reshape({B, T, n_heads * head_dim});
   return o_proj->forward(y);
 }
@@ -208,7 +208,7 @@ torch::Tensor TransformerImpl::embed(const torch::Tensor& input_ids) { return de
 
 torch::Tensor TransformerImpl::lm_head_logits(const torch::Tensor& hidden) {
   if (lm_head_) return lm_head_->forward(hidden);
-  return torch::linear(hidden, decoder->embed_tokens->weight);
+  return detail::linear(hidden, decoder->embed_tokens->weight);
 }
 
 std::vector<torch::Tensor> TransformerImpl::lm_head_parameters() {

@@ -12,6 +12,9 @@ so load from other processes on this shared machine hits both sides alike.
   python scripts/bench/sft.py --bin build/llmtune [--steps 10] [--threads 2] [--repeats 3] [--small]
   python scripts/bench/sft.py --chunk-sweep [--micro-batch 4]   # llmtune only: peak RSS vs loss_chunk_tokens
 --small: 2 layers, H 64, 4/2 heads, I 128, vocab 1024, seq 64 (a smoke run).
+--with-native: also run llmtune with LLMTUNE_HALF_MATMUL=native (LibTorch's own bf16 GEMMs), to show
+what computing bf16 products in fp32 buys on a CPU without AVX512_BF16/AMX (README: "Half-precision
+products on the CPU"). The header line says whether this CPU has native bf16.
 """
 import argparse
 import json
@@ -109,7 +112,7 @@ def hf_worker(a, model_dir, data):
                       "peak_rss_bytes": rss, "last_loss": float(loss)}))
 
 
-def llmtune_run(a, model_dir, data, work, loss_chunk=None):
+def llmtune_run(a, model_dir, data, work, loss_chunk=None, half_matmul=None):
     h = hp(a)
     out = os.path.join(work, "llmtune-out")
     shutil.rmtree(out, ignore_errors=True)
@@ -127,6 +130,8 @@ def llmtune_run(a, model_dir, data, work, loss_chunk=None):
     rpath = os.path.join(work, "bench.yaml")
     json.dump(recipe, open(rpath, "w"))
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    if half_matmul:
+        env["LLMTUNE_HALF_MATMUL"] = half_matmul
     t0 = time.time()
     p = subprocess.run(["/usr/bin/time", "-f", "%M", a.bin, "sft", rpath, "--no-progress"], capture_output=True,
                        text=True, env=env)
@@ -154,6 +159,7 @@ def main():
                     help="llmtune only: peak RSS and tokens/s for loss_chunk_tokens = B*T (one chunk), 1024, 256")
     ap.add_argument("--work", default=os.path.join(os.environ.get("LLMTUNE_CACHE", os.path.expanduser("~/.cache/llmtune")),
                                                   "bench-sft"))
+    ap.add_argument("--with-native", action="store_true", help="also run llmtune with LLMTUNE_HALF_MATMUL=native")
     ap.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     work = os.path.join(a.work, "small" if a.small else f"smollm-{a.seq}")
@@ -174,20 +180,28 @@ def main():
     cmd = [sys.executable, __file__, "--hf-worker", "--steps", str(a.steps), "--threads", str(a.threads),
            "--seq", str(a.seq), "--work", a.work] + (["--small"] if a.small else [])
     runs = {"llmtune": [], "transformers+peft": []}
+    if a.with_native:
+        runs["llmtune (native bf16)"] = []
     for _ in range(a.repeats):
         runs["llmtune"].append(llmtune_run(a, model_dir, data, work))
+        if a.with_native:
+            runs["llmtune (native bf16)"].append(llmtune_run(a, model_dir, data, work, half_matmul="native"))
         p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
         if p.returncode != 0:
             sys.exit(f"transformers worker failed:\n{p.stderr[-3000:]}")
         runs["transformers+peft"].append(json.loads(p.stdout.strip().splitlines()[-1]))
     ratios = sorted(x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs["llmtune"], runs["transformers+peft"]))
+    flags = open("/proc/cpuinfo").read()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    print(f"CPU: {'has' if native else 'has no'} native bf16 (avx512_bf16/amx_bf16) -> llmtune computes bf16 products "
+          f"{'natively' if native else 'in fp32'}")
     print(f"LoRA SFT, {s['layers']} layers H {s['hidden']} vocab {s['vocab']}, seq {s['seq']}, bf16, r 16, "
           f"{a.steps} steps (first excluded), {a.threads} threads, {a.repeats} alternating repeat(s)")
-    print(f"{'impl':<20}{'tokens/s (median)':>19}{'peak RSS MiB':>15}{'last loss':>12}")
+    print(f"{'impl':<24}{'tokens/s (median)':>19}{'peak RSS MiB':>15}{'last loss':>12}")
     for name, rs in runs.items():
         med = sorted(r["tokens_per_s"] for r in rs)[len(rs) // 2]
         rss = max(r["peak_rss_bytes"] for r in rs)
-        print(f"{name:<20}{med:>19.1f}{rss / 2**20:>15.0f}{rs[-1]['last_loss']:>12.4f}")
+        print(f"{name:<24}{med:>19.1f}{rss / 2**20:>15.0f}{rs[-1]['last_loss']:>12.4f}")
     rss_ratio = max(r["peak_rss_bytes"] for r in runs["llmtune"]) / max(r["peak_rss_bytes"] for r in runs["transformers+peft"])
     print(f"llmtune / transformers+peft: tokens/s x{ratios[len(ratios) // 2]:.2f} (per-pair ratios "
           f"{', '.join(f'{r:.2f}' for r in ratios)}), peak RSS x{rss_ratio:.2f}")
