@@ -1,6 +1,7 @@
 // `llmtune merge`: folds one or more PEFT LoRA adapters into the base weights (fp32 math, cast to
 // the output dtype) and writes a plain checkpoint transformers loads, with the tokenizer files
-// copied. QLoRA adapters merge into their 4-bit base dequantized (warning on another base). Reports
+// copied. QLoRA adapters merge into their 4-bit base dequantized (warning on another base); a GPTQ/AWQ
+// checkpoint base merges into its dequantized weights (it has no others). Reports
 // the max |logit| difference between merged and base+adapter on probe inputs.
 #include <iostream>
 
@@ -45,11 +46,40 @@ int run_merge(const MergeOpts& o) {
   std::optional<quant::BaseRecord> rec;
   for (const auto& a : o.adapters)
     if (auto r = quant::read_base_record(io::resolve_model_path(a))) rec = r;
-  auto stored_q = quant::checkpoint_quantization(dir);
+  auto stored_q = quant::checkpoint_quantization(dir);   // bitsandbytes 4-bit checkpoint
+  auto stored_g = quant::checkpoint_group_quant(dir);    // GPTQ/AWQ checkpoint
   if (o.merge_into != "quantized" && o.merge_into != "original")
     fail("--merge-into {}: use quantized (default) or original", o.merge_into);
+  const std::string trained_on =
+      rec ? fmt::format("{} quantized as {}", rec->base_model.empty() ? "(unrecorded base)" : rec->base_model, rec->describe())
+          : std::string();
   model::Transformer m{nullptr};
-  if ((rec || stored_q) && (o.merge_into == "quantized" || stored_q)) {
+  if (stored_g) {
+    // A GPTQ/AWQ checkpoint has no 16-bit weights: the merge goes into its dequantized weights.
+    if (o.merge_into == "original")
+      log::warn(fmt::format("--merge-into original: {} is stored {}; it has no original 16-bit weights, so the adapter "
+                            "merges into the dequantized checkpoint", dir.string(), stored_g->describe()));
+    if (rec && !rec->group_quant)
+      log::warn(fmt::format("the adapter was trained against {}, but --base {} is a {} checkpoint: the merged model "
+                            "will not reproduce the trained adapter", trained_on, o.base, stored_g->describe()));
+    m = quant::load_group_quantized(dir, *stored_g, dtype);
+    if (rec) {
+      log::notice(fmt::format("adapter trained against {}; merging into that checkpoint dequantized to {} (the weights "
+                              "the adapter was trained with, up to the compute dtype)", trained_on, c10::toString(dtype)));
+      if (rec->group_quant && quant::quantized_fingerprint(*m) != rec->fingerprint)
+        log::warn(fmt::format("--base {} is not the {} checkpoint this adapter was trained against (recorded: {}; "
+                              "fingerprint mismatch): the merged model will not reproduce the trained adapter. "
+                              "Merge into the same base directory the recipe used.", o.base, rec->describe(), rec->base_model));
+    } else {
+      log::notice(fmt::format("base {} is stored {}; merging into its dequantized weights", dir.string(), stored_g->describe()));
+    }
+    m->mutable_config().raw.erase("quantization_config");  // the output is a plain 16/32-bit checkpoint
+  } else if (rec && rec->group_quant && o.merge_into == "quantized") {
+    fail("adapter trained against {}; --base {} is not a GPTQ/AWQ checkpoint ({}/config.json has no gptq/awq "
+         "quantization_config). Give that checkpoint directory as --base, or --merge-into original to merge into "
+         "these 16-bit weights (the result then differs from the model you trained)",
+         trained_on, o.base, dir.string());
+  } else if ((rec || stored_q) && (o.merge_into == "quantized" || stored_q)) {
     quant::QuantOptions qo = stored_q ? *stored_q : rec->options;
     if (rec && !stored_q) qo = rec->options;
     m = quant::load_quantized(dir, qo, dtype);
@@ -57,10 +87,9 @@ int run_merge(const MergeOpts& o) {
                                          qo.bits == quant::QuantOptions::Bits::four && qo.double_quant ? " + double quant" : "",
                                          fmt::format(", compute {}", c10::toString(qo.compute_dtype)));
     if (rec) {
-      log::notice(fmt::format("QLoRA adapter: trained against {} quantized as {}; merging into that base dequantized "
+      log::notice(fmt::format("QLoRA adapter: trained against {}; merging into that base dequantized "
                               "to {} (the weights the adapter was trained with)",
-                              rec->base_model.empty() ? "(unrecorded base)" : rec->base_model, desc,
-                              c10::toString(qo.compute_dtype)));
+                              trained_on, c10::toString(qo.compute_dtype)));
       if (quant::quantized_fingerprint(*m) != rec->fingerprint)
         log::warn(fmt::format("--base {} does not quantize to the base this adapter was trained against (recorded: "
                               "{}; fingerprint mismatch): the merged model will not reproduce the trained adapter. "
@@ -71,10 +100,9 @@ int run_merge(const MergeOpts& o) {
     m->mutable_config().raw.erase("quantization_config");  // the output is a plain 16-bit checkpoint
   } else {
     if (rec)
-      log::warn(fmt::format("the adapter was trained against the {} quantization of {}, but --merge-into original "
-                            "merges it into the 16-bit weights: the result differs from the model you trained "
-                            "(the usual cause of degraded QLoRA merges). Omit --merge-into to merge into the "
-                            "dequantized base.", quant::to_string(rec->options.type), rec->base_model));
+      log::warn(fmt::format("the adapter was trained against {}, but --merge-into original merges it into the 16-bit "
+                            "weights: the result differs from the model you trained (the usual cause of degraded "
+                            "QLoRA merges). Omit --merge-into to merge into the dequantized base.", trained_on));
     m = model::load_pretrained(dir, dtype);
   }
   m->eval();

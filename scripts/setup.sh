@@ -44,7 +44,8 @@ stamp="$venv/.llmtune-installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages: $want"
   # llama-cpp-python (the GGUF test reference) is a source build of llama.cpp: CPU-only, portable,
-  # without the server/examples, so it takes minutes rather than an hour.
+  # without the server/examples, so it takes minutes rather than an hour. gptqmodel (the GPTQ reader
+  # test reference) is pure Python; its pypcre dependency compiles one small C extension, no CUDA.
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
   CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     "$py" -m pip install -q --disable-pip-version-check $want

@@ -170,8 +170,9 @@ const std::vector<Field<Recipe>>& recipe_fields() {
       key("quantization", "bnb_4bit_use_double_quant", &R::bnb_4bit_use_double_quant, "quantize the NF4 block scales too"),
       key("quantization", "bnb_config_kwargs", &R::bnb_config_kwargs,
           "Axolotl's {bnb_4bit_quant_type, bnb_4bit_use_double_quant, llm_int8_has_fp16_weight}; folded into the keys above"),
-      refused_field("quantization", "gptq", &R::gptq, "train on a GPTQ-quantized base",
-                    "training on a GPTQ-quantized base model is not implemented; use the unquantized model with load_in_4bit"),
+      key("quantization", "gptq", &R::gptq,
+          "base_model is a GPTQ checkpoint (HF layout, e.g. from `llmtune quantize --format gptq`): train LoRA over its "
+          "frozen quantized weights (needs adapter: lora; llmtune sft). AWQ bases need no key"),
       // --- optimization ---
       key("optimization", "micro_batch_size", &R::micro_batch_size, "sequences per device per forward pass").with_range(1, 1e9),
       key("optimization", "gradient_accumulation_steps", &R::gradient_accumulation_steps, "micro-batches per optimizer step").with_range(1, 1e9),

@@ -115,6 +115,12 @@ void resolve_and_check(Recipe& r, ParseContext& ctx) {
   if (r.load_in_4bit && r.adapter != "qlora")
     both("load_in_4bit", "adapter",
          "4-bit weights cannot be trained directly; use `adapter: qlora` (LoRA on the frozen 4-bit base)");
+  if (r.gptq) {  // Axolotl's key: LoRA over a GPTQ checkpoint (checked against base_model by the stage)
+    if (r.load_in_4bit) both("gptq", "load_in_4bit", "the base is already quantized; drop load_in_4bit (and use adapter: lora)");
+    if (r.load_in_8bit) both("gptq", "load_in_8bit", "the base is already quantized; drop load_in_8bit");
+    if (r.adapter != "lora")
+      both("gptq", "adapter", "the quantized weights are frozen; train LoRA on them with `adapter: lora` (as in Axolotl)");
+  }
   if (r.max_steps && *r.max_steps <= 0)
     fail("`max_steps: {}` ({}) must be positive; remove it to train for num_epochs", *r.max_steps, ctx.where("max_steps"));
   if (r.eval_steps && r.evals_per_epoch) both("eval_steps", "evals_per_epoch", "set only one evaluation interval");
@@ -215,6 +221,9 @@ void validate_for_stage(const Recipe& r, std::string_view stage) {
   auto wrong_rl = [&](const char* expected) {
     fail("{}: `rl: {}` does not belong to `llmtune {}`; {}", src, *r.rl, stage, expected);
   };
+  if (r.gptq && stage != "sft")
+    fail("{}: `gptq: true` (a LoRA over a frozen GPTQ checkpoint) is supported by `llmtune sft` only, not `llmtune {}`; "
+         "merge the adapter (llmtune merge) and continue from the merged model", src, stage);
   if (stage == "pretrain" || stage == "sft") {
     if (r.rl) wrong_rl(*r.rl == "grpo" || *r.rl == "ppo" ? "run `llmtune ppo`" : "run `llmtune dpo`");
     if (r.reward_model) fail("{}: `reward_model: true` belongs to `llmtune reward`", src);

@@ -1,11 +1,14 @@
 // `llmtune quantize --format gptq|awq`: calibration, per-layer quantization and the Hugging Face
 // GPTQ / AutoAWQ (GEMM) checkpoint layout. Layers are done in order, each sub-block (q/k/v, o,
 // gate/up, down) on inputs that already went through every earlier quantized linear (GPTQ's
-// true_sequential; AWQ the same way). Inputs are captured by temporarily swapping the block's first
-// linear for a recorder that accumulates H = Σ x xᵀ and Σ|x|, then stops the forward pass.
+// true_sequential; AWQ the same way). The hidden states entering the current layer are cached for all
+// calibration windows and replaced by the quantized layer's outputs when it is done, so each layer
+// runs alone. A sub-block's inputs are captured by temporarily swapping its first linear for a
+// recorder that accumulates H = Σ x xᵀ and Σ|x|, then stops that layer's forward pass.
 // Caveat: the model is quantized in fp32 on the CPU; calibration windows are cut from one token
 // stream of the --calib file (a BOS first when the tokenizer adds one).
 #include <fstream>
+#include <functional>
 #include <map>
 #include <numeric>
 #include <set>
@@ -45,6 +48,16 @@ class RecorderImpl : public model::LinearBaseImpl {
 
  private:
   int64_t in_, out_;
+};
+
+// Passes a sublayer's output through unchanged and keeps it (set as a layer's attn/mlp adapter).
+class TapImpl : public model::SublayerAdapterImpl {
+ public:
+  torch::Tensor forward(const torch::Tensor& y) override {
+    this->y = y;
+    return y;
+  }
+  torch::Tensor y;
 };
 
 std::string read_calibration_text(const fs::path& p) {
@@ -156,18 +169,55 @@ GroupQuantExportReport export_group_quant(const GroupQuantExportOptions& o) {
     calib = calibration_batch(o.calib, o.model_dir, o.calib_samples, seqlen);
     log::info(fmt::format("{}: {} calibration windows of {} tokens from {}", o.method, calib.size(0), seqlen, o.calib.string()));
   }
-  auto record = [&](const std::string& name) {
+  // GPTQ's sequential scheme: X holds the hidden states entering the current decoder layer for every
+  // calibration window ([N, T, C], the embeddings at first). Only that layer runs: the model's layer
+  // list is narrowed to it and X goes in as inputs_embeds (the model still builds the RoPE tables and
+  // masks). A sub-block's inputs are recorded by stopping there; once the layer is quantized, its
+  // outputs become the next layer's X. Calibration so costs about five layer forwards per layer
+  // (four partial, one whole), not a forward from the embeddings up for every sub-block.
+  torch::Tensor X;
+  if (!o.rtn) X = m->embed(calib);
+  auto run_layer = [&](int64_t l, const std::function<void(int64_t, int64_t)>& each) {
+    auto all = m->decoder->layer_list;
+    m->decoder->layer_list = {all[l]};
+    try {
+      for (int64_t b = 0; b < X.size(0); b += o.batch) each(b, std::min(o.batch, X.size(0) - b));
+    } catch (...) {
+      m->decoder->layer_list = all;
+      throw;
+    }
+    m->decoder->layer_list = all;
+  };
+  auto forward_x = [&](int64_t b, int64_t nb) {
+    model::ForwardOptions fo;
+    fo.inputs_embeds = X.narrow(0, b, nb);
+    m->hidden_states(torch::Tensor(), fo);
+  };
+  auto record = [&](int64_t l, const std::string& name) {
     auto orig = m->get_linear(name);
     auto rec = std::make_shared<RecorderImpl>(orig->in_features(), orig->out_features());
     m->replace_linear(name, rec);
-    for (int64_t b = 0; b < calib.size(0); b += o.batch) {
+    run_layer(l, [&](int64_t b, int64_t nb) {
       try {
-        m->forward(calib.narrow(0, b, std::min(o.batch, calib.size(0) - b)));
+        forward_x(b, nb);
       } catch (const StopForward&) {
       }
-    }
+    });
     m->replace_linear(name, orig);
     return rec;
+  };
+  // The layer's output is x + a + m (attention and MLP outputs added to the residual stream); taps
+  // on the two sublayer outputs give it exactly, without the final norm the model applies after.
+  auto advance = [&](int64_t l) {
+    auto layer = m->decoder->layer_list[l];
+    auto attn = std::make_shared<TapImpl>(), mlp = std::make_shared<TapImpl>();
+    layer->set_adapters(attn, mlp);
+    run_layer(l, [&](int64_t b, int64_t nb) {
+      forward_x(b, nb);
+      auto x = X.narrow(0, b, nb);
+      x.copy_((x + attn->y) + mlp->y);
+    });
+    layer->set_adapters(nullptr, nullptr);
   };
 
   const bool same_heads = cfg.num_attention_heads == cfg.num_key_value_heads;
@@ -193,7 +243,7 @@ GroupQuantExportReport export_group_quant(const GroupQuantExportOptions& o) {
         }
         continue;
       }
-      auto rec = record(st.linears[0]);
+      auto rec = record(l, st.linears[0]);
       auto H = rec->H / static_cast<double>(rec->n);  // mean x xᵀ: scale-free, keeps magnitudes sane
       for (size_t i = 0; i < lins.size(); ++i) ref_sum += quant::weighted_error(lins[i]->weight, H);
       if (o.method == "gptq") {
@@ -236,6 +286,7 @@ GroupQuantExportReport export_group_quant(const GroupQuantExportOptions& o) {
         results[n] = std::move(g);
       }
     }
+    if (!o.rtn) advance(l);  // the quantized layer's outputs are the next layer's inputs
     log::info(fmt::format("{}: layer {}/{} done ({:.1f} s)", o.rtn ? "rtn" : o.method, l + 1, cfg.num_hidden_layers,
                           now_seconds() - t0));
   }

@@ -65,6 +65,15 @@ void write_qlora_record(model::TransformerImpl& model, const std::string& base_m
       r.options.compute_dtype = q->compute_dtype;
       break;
     }
+    if (auto q = std::dynamic_pointer_cast<quant::LinearGroupQuantImpl>(item.value())) {  // a GPTQ/AWQ checkpoint
+      r.group_quant = q->config;
+      if (r.group_quant->method.empty()) {  // built by hand, not loaded: what the codes themselves say
+        r.group_quant->method = q->method;
+        r.group_quant->bits = q->g.bits;
+        r.group_quant->group_size = q->g.group_size;
+      }
+      break;
+    }
   }
   quant::write_base_record(dir, r);
 }

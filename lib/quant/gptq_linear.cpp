@@ -51,15 +51,11 @@ nlohmann::json GroupQuantConfig::to_json() const {
           {"model_name_or_path", nullptr}, {"model_file_base_name", "model"}};
 }
 
-std::optional<GroupQuantConfig> checkpoint_group_quant(const fs::path& dir) {
-  const auto stored = detail::stored_quantization_config(dir);
-  if (!stored) return std::nullopt;
-  const auto& q = *stored;
-  const std::string src = (dir / "config.json").string() + ": quantization_config";
+GroupQuantConfig GroupQuantConfig::from_json(const nlohmann::json& q, const std::string& src) {
   GroupQuantConfig c;
-  c.method = q.value("quant_method", std::string());
-  if (c.method != "gptq" && c.method != "awq") return std::nullopt;
   try {
+    c.method = q.value("quant_method", std::string());
+    if (c.method != "gptq" && c.method != "awq") fail("{}: quant_method \"{}\" is not gptq or awq", src, c.method);
     c.bits = q.value("bits", q.value("w_bit", 4));
     c.group_size = q.value("group_size", q.value("q_group_size", int64_t{128}));
     if (c.method == "gptq") {
@@ -76,11 +72,28 @@ std::optional<GroupQuantConfig> checkpoint_group_quant(const fs::path& dir) {
       if (v != "gemm") fail("{}: AWQ version \"{}\" is not supported; llmtune reads the GEMM packing", src, v);
       if (!q.value("zero_point", true)) fail("{}: AWQ without zero_point is not supported", src);
       if (c.bits != 4) fail("{}: AWQ bits {} is not supported (4)", src, c.bits);
+      c.sym = false;  // AWQ always has zero points
     }
   } catch (const nlohmann::json::exception& e) {
     fail("{}: {}", src, e.what());
   }
   return c;
+}
+
+std::string GroupQuantConfig::describe() const {
+  std::string s = fmt::format("{} {}-bit, group {}", method, bits, group_size == -1 ? std::string("per row") : std::to_string(group_size));
+  if (method == "gptq") s += fmt::format(", {}{}{}", sym ? "symmetric" : "asymmetric", desc_act ? ", act-order" : "",
+                                         v2 ? ", gptq_v2 zeros" : "");
+  else s += ", GEMM packing";
+  return s;
+}
+
+std::optional<GroupQuantConfig> checkpoint_group_quant(const fs::path& dir) {
+  const auto stored = detail::stored_quantization_config(dir);
+  if (!stored) return std::nullopt;
+  const std::string method = stored->value("quant_method", std::string());
+  if (method != "gptq" && method != "awq") return std::nullopt;
+  return GroupQuantConfig::from_json(*stored, (dir / "config.json").string() + ": quantization_config");
 }
 
 model::Transformer load_group_quantized(const fs::path& dir, const GroupQuantConfig& c, torch::ScalarType dtype,
@@ -113,7 +126,9 @@ model::Transformer load_group_quantized(const fs::path& dir, const GroupQuantCon
     ++n_quantized;
     torch::Tensor bias;
     if (spec.bias) bias = torch::empty({spec.out_features}, spec.options);  // filled by the parameter loop
-    return std::make_shared<LinearGroupQuantImpl>(std::move(g), bias, dtype, c.method);
+    auto lin = std::make_shared<LinearGroupQuantImpl>(std::move(g), bias, dtype, c.method);
+    lin->config = c;
+    return lin;
   };
   model::Transformer m(cfg, torch::TensorOptions().dtype(dtype).device(device), factory);
   torch::NoGradGuard ng;

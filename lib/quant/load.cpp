@@ -284,19 +284,37 @@ uint64_t quantized_fingerprint(const model::TransformerImpl& model) {
       mix(g->g.q);
       mix(g->g.scales);
       mix(g->g.zeros);
+      mix(g->g.g_idx);  // act-order: the same codes under another column-to-group map are another base
     }
   }
   return h;
 }
 
+std::string BaseRecord::describe() const {
+  if (group_quant) return group_quant->describe();
+  if (options.bits == QuantOptions::Bits::eight)
+    return fmt::format("bitsandbytes int8 per-row, compute {}", c10::toString(options.compute_dtype));
+  return fmt::format("bitsandbytes {}{}, compute {}", to_string(options.type), options.double_quant ? " + double quant" : "",
+                     c10::toString(options.compute_dtype));
+}
+
 void write_base_record(const fs::path& dir, const BaseRecord& r) {
-  nlohmann::json j = {{"base_model_name_or_path", r.base_model},
-                      {"quantization_config", r.options.to_json()},
-                      {"blocksize", r.options.blocksize},
-                      {"quantized_fingerprint", fmt::format("{:016x}", r.fingerprint)},
-                      {"quantized_linears", r.n_quantized},
-                      {"note", "this adapter was trained against the quantized base described here; merge it into "
-                               "that base dequantized (llmtune merge does), not into the original 16-bit weights"}};
+  nlohmann::json j = {{"base_model_name_or_path", r.base_model}};
+  if (r.group_quant) {  // a GPTQ/AWQ checkpoint: its own quantization_config (what was trained against)
+    auto qc = r.group_quant->to_json();
+    for (const char* k : {"damp_percent", "model_name_or_path", "model_file_base_name"}) qc.erase(k);  // not properties of the weights
+    j["quantization_config"] = qc;
+  } else {
+    j["quantization_config"] = r.options.to_json();
+    j["blocksize"] = r.options.blocksize;
+  }
+  j["quantized_fingerprint"] = fmt::format("{:016x}", r.fingerprint);
+  j["quantized_linears"] = r.n_quantized;
+  j["note"] = r.group_quant
+                  ? "this adapter was trained against the stored GPTQ/AWQ checkpoint described here; merge it into that "
+                    "checkpoint dequantized (llmtune merge --base THAT_DIR does), not into the original 16-bit weights"
+                  : "this adapter was trained against the quantized base described here; merge it into that base "
+                    "dequantized (llmtune merge does), not into the original 16-bit weights";
   fs::create_directories(dir);
   std::ofstream f(dir / "llmtune_qlora.json");
   f << j.dump(2) << "\n";
@@ -310,8 +328,14 @@ std::optional<BaseRecord> read_base_record(const fs::path& dir) {
     auto j = nlohmann::json::parse(std::ifstream(p));
     BaseRecord r;
     r.base_model = j.value("base_model_name_or_path", std::string());
-    r.options = QuantOptions::from_json(j.at("quantization_config"), p.string());
-    r.options.blocksize = j.value("blocksize", int64_t{64});
+    const auto& qc = j.at("quantization_config");
+    const std::string method = qc.value("quant_method", std::string("bitsandbytes"));
+    if (method == "gptq" || method == "awq") {
+      r.group_quant = GroupQuantConfig::from_json(qc, p.string() + ": quantization_config");
+    } else {
+      r.options = QuantOptions::from_json(qc, p.string());
+      r.options.blocksize = j.value("blocksize", int64_t{64});
+    }
     r.fingerprint = std::stoull(j.value("quantized_fingerprint", std::string("0")), nullptr, 16);
     r.n_quantized = j.value("quantized_linears", int64_t{0});
     return r;

@@ -196,6 +196,19 @@ std::vector<std::pair<std::string, torch::Tensor>> awq_pack(const GroupQuantized
 GroupQuantized awq_unpack(const torch::Tensor& qweight, const torch::Tensor& qzeros, const torch::Tensor& scales,
                           int64_t group_size, int64_t in, int64_t out, const std::string& name);
 
+// config.json's quantization_config of a GPTQ/AWQ checkpoint (what llmtune writes and reads).
+struct GroupQuantConfig {
+  std::string method;  // gptq | awq
+  int bits = 4;
+  int64_t group_size = 128;
+  bool sym = true, desc_act = false, v2 = false;
+  nlohmann::json to_json() const;  // the quantization_config written to config.json
+  // Parses a quantization_config whose quant_method is gptq or awq; errors (naming `source`) for
+  // anything llmtune cannot read (AWQ other than GEMM, bits other than 4/8, unknown checkpoint_format).
+  static GroupQuantConfig from_json(const nlohmann::json& j, const std::string& source);
+  std::string describe() const;  // e.g. "gptq 4-bit, group 128, asymmetric, act-order"
+};
+
 // A frozen GPTQ/AWQ linear: codes kept unpacked (uint8), dequantized on the fly in each forward
 // (the dense weight lives only for one matmul, and for backward when x requires grad).
 class LinearGroupQuantImpl : public model::LinearBaseImpl {
@@ -210,18 +223,12 @@ class LinearGroupQuantImpl : public model::LinearBaseImpl {
   torch::Tensor bias;
   torch::ScalarType compute_dtype;
   std::string method;  // "gptq" | "awq"
+  GroupQuantConfig config;  // the checkpoint's quantization_config (set by load_group_quantized)
 };
 TORCH_MODULE(LinearGroupQuant);
 
-// config.json's quantization_config when quant_method is "gptq" or "awq" (else nullopt); errors
-// for what llmtune cannot read (AWQ other than GEMM, bits other than 4/8, unknown checkpoint_format).
-struct GroupQuantConfig {
-  std::string method;  // gptq | awq
-  int bits = 4;
-  int64_t group_size = 128;
-  bool sym = true, desc_act = false, v2 = false;
-  nlohmann::json to_json() const;  // the quantization_config written to config.json
-};
+// The checkpoint's quantization_config when quant_method is "gptq" or "awq" (else nullopt).
+
 std::optional<GroupQuantConfig> checkpoint_group_quant(const fs::path& dir);
 // Loads a GPTQ/AWQ checkpoint: quantized linears become LinearGroupQuant, others load in `dtype`.
 model::Transformer load_group_quantized(const fs::path& dir, const GroupQuantConfig& c, torch::ScalarType dtype,
@@ -267,9 +274,11 @@ model::LinearPtr dequantize_linear(const model::LinearPtr& m, std::optional<torc
 // when the base it is given is a different one.
 struct BaseRecord {
   std::string base_model;  // as given in the recipe
-  QuantOptions options;
+  QuantOptions options;    // a bitsandbytes base (quantized at load or stored 4-bit)
+  std::optional<GroupQuantConfig> group_quant;  // a GPTQ/AWQ checkpoint base (then `options` is unused)
   uint64_t fingerprint = 0;  // quantized_fingerprint of the base at training time
   int64_t n_quantized = 0;
+  std::string describe() const;  // "nf4 + double quant, compute bfloat16" / "gptq 4-bit, group 128, ..."
 };
 void write_base_record(const fs::path& adapter_dir, const BaseRecord& r);
 std::optional<BaseRecord> read_base_record(const fs::path& adapter_dir);

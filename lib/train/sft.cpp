@@ -129,6 +129,20 @@ int run_sft(const config::Recipe& recipe, const StageOptions& so) {
       precision == Precision::bf16 ? torch::kBFloat16 : (precision == Precision::fp16 ? torch::kHalf : torch::kFloat);
   log::info(fmt::format("sft: base model {} on {} in {}{}", model_dir.string(), device.str(), to_string(precision),
                         precision == Precision::fp32 ? "" : " (trainable weights get fp32 master copies)"));
+  if (recipe.gptq) {  // Axolotl's `gptq: true`: the recipe says the base is a GPTQ checkpoint; hold it to that
+    auto gq = quant::checkpoint_group_quant(model_dir);
+    if (!gq || gq->method != "gptq")
+      fail("{}: `gptq: true` needs base_model to be a GPTQ checkpoint, but {} is {}. {}",
+           recipe.source.name.empty() ? std::string("recipe") : recipe.source.name, model_dir.string(),
+           gq ? std::string("an AWQ checkpoint") :
+           quant::checkpoint_quantization(model_dir) ? std::string("a bitsandbytes 4-bit checkpoint")
+                                                     : std::string("not quantized (its config.json has no gptq quantization_config)"),
+           gq ? "Drop `gptq: true`: an AWQ base is recognised from its config.json and trains the same way"
+              : fmt::format("Quantize it first (llmtune quantize --model {} --format gptq --calib FILE --out DIR) and use "
+                            "DIR as base_model, or drop `gptq: true`", model_dir.string()));
+    log::info(fmt::format("sft: `gptq: true`: base {} is {}; LoRA over its frozen quantized weights", model_dir.string(),
+                          gq->describe()));
+  }
   model::Transformer net{nullptr};
   if (recipe.load_in_4bit || recipe.load_in_8bit || quant::checkpoint_quantization(model_dir) ||
       quant::checkpoint_group_quant(model_dir)) {  // GPTQ/AWQ bases load as stored (load_quantized)

@@ -189,9 +189,6 @@ TEST_CASE("no-op keys are accepted with a one-line notice through llmtune::log::
 }
 
 TEST_CASE("keys llmtune does not implement are refused with the reason") {
-  CHECK(error_of([] { parse("base_model: x\ngptq: true\n"); }) ==
-        "`gptq: true` at recipe.yaml:2:1 is not supported: training on a GPTQ-quantized base model is not implemented; "
-        "use the unquantized model with load_in_4bit");
   CHECK(error_of([] { parse("relora_steps: 150\n"); }) ==
         "`relora_steps` at recipe.yaml:1:1 is not supported: ReLoRA (periodic LoRA merge-and-restart) is not implemented");
   CHECK(error_of([] { parse("lisa_n_layers: 4\n"); }).find("LISA") != std::string::npos);
@@ -205,6 +202,18 @@ TEST_CASE("keys llmtune does not implement are refused with the reason") {
   CHECK_FALSE(r.load_in_8bit);
   // Several refusals: the first is shown and the rest counted.
   CHECK(error_of([] { parse("relora_steps: 1\nlisa_n_layers: 2\n"); }).find("(and 1 more refused key(s))") != std::string::npos);
+}
+
+TEST_CASE("gptq: true: LoRA over a GPTQ checkpoint base") {
+  Recipe r = parse("base_model: x\nadapter: lora\ngptq: true\n");
+  CHECK(r.gptq);
+  CHECK(error_of([] { parse("base_model: x\ngptq: true\n"); }).find("`gptq` (recipe.yaml:2:1) and `adapter` ((default)) contradict") != std::string::npos);
+  CHECK(error_of([] { parse("base_model: x\nadapter: lora\ngptq: true\nload_in_8bit: true\n"); })
+            .find("already quantized") != std::string::npos);
+  r.datasets.emplace_back();
+  r.datasets.back().path = "d.jsonl";
+  CHECK_NOTHROW(config::validate_for_stage(r, "sft"));
+  CHECK(error_of([&] { config::validate_for_stage(r, "dpo"); }).find("`gptq: true`") != std::string::npos);
 }
 
 TEST_CASE("bf16 is a tri-state: true, false or auto") {
@@ -316,7 +325,7 @@ TEST_CASE("recipe_to_yaml prints every default and round-trips") {
   // No-op keys only when set; refused keys never.
   CHECK(y.find("\nwandb_project: proj\n") != std::string::npos);
   CHECK(y.find("wandb_entity") == std::string::npos);
-  CHECK(y.find("\ngptq:") == std::string::npos);
+  CHECK(y.find("\ngptq: false\n") != std::string::npos);  // an implemented key (LoRA on a GPTQ base)
 
   // llmtune's own dataset keys.
   Recipe w = parse("datasets:\n  - path: a.txt\n    type: completion\n    text_split: paragraph\n    weight: 0.5\n");

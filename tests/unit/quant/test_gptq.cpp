@@ -2,6 +2,8 @@
 // §8.3) and their round trips; GPTQ with H = I is exactly round-to-nearest (no error to
 // compensate); with correlated inputs GPTQ (and act-order) beats RTN in output error tr(E H Eᵀ);
 // the act-order g_idx; AWQ's scale search never loses to α = 0 (plain RTN).
+#include <fstream>
+
 #include <catch2/catch.hpp>
 
 #include "quant/quant.h"
@@ -134,4 +136,56 @@ TEST_CASE("group quantization: clear errors for bad bits and group sizes", "[qua
   p.group_size = 32;
   p.bits = 3;
   CHECK_THROWS_WITH(quant::rtn_quantize(torch::randn({8, 128}), p), Catch::Contains("--bits 3"));
+}
+
+TEST_CASE("base record: a GPTQ/AWQ base is recorded as what it is, not as bitsandbytes nf4", "[quant][gptq]") {
+  const auto dir = std::filesystem::temp_directory_path() / "llmtune-test-base-record";
+  std::filesystem::remove_all(dir);
+  quant::BaseRecord r;
+  r.base_model = "out/model-gptq";
+  r.group_quant = quant::GroupQuantConfig{};
+  r.group_quant->method = "gptq";
+  r.group_quant->bits = 4;
+  r.group_quant->group_size = 64;
+  r.group_quant->sym = false;
+  r.group_quant->desc_act = true;
+  r.fingerprint = 0x0123456789abcdefULL;
+  r.n_quantized = 42;
+  quant::write_base_record(dir, r);
+  auto j = nlohmann::json::parse(std::ifstream(dir / "llmtune_qlora.json"));
+  const auto& qc = j.at("quantization_config");
+  CHECK(qc.at("quant_method") == "gptq");
+  CHECK(qc.at("bits") == 4);
+  CHECK(qc.at("group_size") == 64);
+  CHECK(qc.at("desc_act") == true);
+  CHECK(qc.at("sym") == false);
+  CHECK_FALSE(qc.contains("bnb_4bit_quant_type"));
+  CHECK_FALSE(j.contains("blocksize"));
+  auto back = quant::read_base_record(dir);
+  REQUIRE(back);
+  REQUIRE(back->group_quant);
+  CHECK(back->group_quant->method == "gptq");
+  CHECK(back->group_quant->group_size == 64);
+  CHECK(back->group_quant->desc_act);
+  CHECK_FALSE(back->group_quant->sym);
+  CHECK(back->fingerprint == r.fingerprint);
+  CHECK(back->describe() == "gptq 4-bit, group 64, asymmetric, act-order");
+
+  r.group_quant->method = "awq";
+  r.group_quant->group_size = -1;
+  quant::write_base_record(dir, r);
+  back = quant::read_base_record(dir);
+  REQUIRE(back->group_quant);
+  CHECK(back->describe() == "awq 4-bit, group per row, GEMM packing");
+
+  quant::BaseRecord b;  // bitsandbytes still round-trips as before
+  b.options.bits = quant::QuantOptions::Bits::four;
+  b.options.type = quant::QuantType::nf4;
+  b.options.double_quant = true;
+  quant::write_base_record(dir, b);
+  back = quant::read_base_record(dir);
+  CHECK_FALSE(back->group_quant);
+  CHECK(back->options.type == quant::QuantType::nf4);
+  CHECK(back->describe().rfind("bitsandbytes nf4 + double quant", 0) == 0);
+  std::filesystem::remove_all(dir);
 }
