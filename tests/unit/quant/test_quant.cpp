@@ -109,7 +109,9 @@ TEST_CASE("NF4 round-trip error on Gaussian weights matches bitsandbytes", "[qua
     INFO(quant::to_string(qt) << " MAE " << mae << " vs bitsandbytes (no double quant) " << ref);
     CHECK(std::abs(mae - ref) < 2e-4);  // double quant perturbs the scales by < 0.3%
     auto s1 = quant::quantize_4bit(g, qt, false);
-    CHECK(bit_equal(quant::dequantize_4bit(s1, torch::kFloat), vec("gauss." + quant::to_string(qt) + ".deq")));
+    // Values, not bits: which FP4 path bitsandbytes takes (and so the sign of zero) depends on its
+    // CPU build (seen on an AVX2-only machine).
+    CHECK(same_values(quant::dequantize_4bit(s1, torch::kFloat), vec("gauss." + quant::to_string(qt) + ".deq")));
   }
   // Published behaviour: NF4 has lower error than FP4 on normal weights (QLoRA paper, table 2).
   CHECK(expected["mae"]["nf4"].get<double>() < expected["mae"]["fp4"].get<double>());
