@@ -33,10 +33,11 @@ BPE, SPM = os.path.join(FIX, "bpe"), os.path.join(FIX, "spm")
 # 0.3.36): f32 7.9e-7, f16 1.2e-4, bf16 9.2e-4, q8_0..q5_1 3.1e-3..3.8e-3, k-quants 5.4e-3..6.1e-3; the
 # bounds are ~3x those (llama.cpp picks different kernels on other CPUs). Perplexity ratios measured:
 # 0.996..1.009 (q2_k); the fixture model nearly memorises its text (ppl 1.44), so these ratios are
-# a coarse sanity bound: a broken tensor sends them far above 1.1.
+# a coarse sanity bound: a broken tensor sends them far above 1.1. On an AVX2-only EPYC, llama.cpp's
+# q6_k x q8_K kernel gave 1.0118 (torch on the same file's weights: 1.0057), so q6_k shares q5's 1.02.
 TOL = {
     "f32": (1e-5, 1.0001), "f16": (5e-4, 1.001), "bf16": (3e-3, 1.003), "q8_0": (1e-2, 1.005),
-    "q6_k": (1.5e-2, 1.01), "q5_k_m": (1.5e-2, 1.02), "q5_0": (1e-2, 1.02), "q5_1": (1e-2, 1.02),
+    "q6_k": (1.5e-2, 1.02), "q5_k_m": (1.5e-2, 1.02), "q5_0": (1e-2, 1.02), "q5_1": (1e-2, 1.02),
     "q4_k_m": (1.5e-2, 1.03), "q4_0": (1e-2, 1.03), "q4_1": (1e-2, 1.03), "q3_k_m": (1.5e-2, 1.05),
     "q2_k": (1.5e-2, 1.10),
 }
