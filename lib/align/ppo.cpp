@@ -444,6 +444,12 @@ int run_ppo(const config::Recipe& recipe, const StageOptions& so) {
   config::validate_for_stage(recipe, "ppo");
   RlSettings s = settings_from_recipe(recipe);
   const char* name = s.grpo ? "grpo" : "ppo";
+  // Rollouts end at each rank's own EOS, so ranks run different numbers of forward passes; fully
+  // sharded layers need every rank in every layer's gather.
+  if (recipe.zero_stage.value_or(0) == 3 || !recipe.fsdp.empty())
+    fail("{}: zero_stage 3 / fsdp is not supported for rollouts (ranks generate different lengths, and every layer's "
+         "parameter gather needs all ranks); use zero_stage 2 or 1, which shard gradients and optimizer states",
+         name);
   std::unique_ptr<train::Parallel> par = so.dry_run ? nullptr : train::init_parallel(recipe);
   const int rank = par ? par->rank() : 0, world_size = par ? par->world_size() : 1;
   const fs::path model_dir = io::resolve_model_path(*recipe.base_model);
@@ -552,6 +558,7 @@ int run_ppo(const config::Recipe& recipe, const StageOptions& so) {
 
   // ---- outputs -----------------------------------------------------------------------------------
   const double after = held_out_reward(*net, data.val, *tokenizer, vr, rm, s.max_new_tokens, pad, eos);
+  if (par) par->unshard_model();  // ZeRO-3: rank 0 gets the whole model to save
   if (par) par->barrier();  // every rank finished before rank 0 writes
   if (rank != 0) return 0;
   peft::save_trained(*net, setup, out);

@@ -132,6 +132,7 @@ int run_reward(const config::Recipe& recipe, const StageOptions& so) {
   hooks.should_stop = [](int64_t) { return train::SigintStop::requested(); };
   if (par) par->attach(*base.net, hooks);  // DDP/ZeRO; should_stop becomes a vote of all ranks
   auto result = train::run_training(*base.net, objective, train_src, val_src.get(), topt, hooks);
+  if (par) par->unshard_model();  // ZeRO-3: rank 0 gets the whole model to save
   if (par) par->barrier();  // every rank finished before rank 0 writes
   if (rank != 0) return 0;
 
@@ -237,6 +238,7 @@ int run_dpo(const config::Recipe& recipe, const StageOptions& so) {
   hooks.should_stop = [](int64_t) { return train::SigintStop::requested(); };
   if (par) par->attach(policy, hooks);  // DDP/ZeRO; should_stop becomes a vote of all ranks
   auto result = train::run_training(policy, objective, train_src, val_src.get(), topt, hooks);
+  if (par) par->unshard_model();  // ZeRO-3: rank 0 gets the whole model to save
   if (par) par->barrier();  // every rank finished before rank 0 writes
 
   // ---- outputs ----------------------------------------------------------------------------------

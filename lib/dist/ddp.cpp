@@ -1,12 +1,25 @@
-// DDP gradient buckets. Each trainable parameter gets a grad hook; on the final micro-batch of an
-// accumulation group the hook adds the incoming gradient to what earlier micro-batches accumulated,
-// copies it (fp32) into its bucket, and a bucket whose members are all in starts an asynchronous
-// all-reduce (sum: the objective already divides by the global target count) while backward goes on.
+// DDP gradient buckets. Each trainable parameter gets a post-accumulate hook; on the final
+// micro-batch of an accumulation group the hook copies the finished .grad (fp32) into its bucket,
+// and a bucket whose members are all in starts an asynchronous all-reduce (sum: the objective already divides by the global target count) while backward goes on.
 // Buckets start strictly in index order so every rank issues the same collective sequence.
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+
 #include "core/core.h"
 #include "dist/dist.h"
 
 namespace llmtune::dist {
+
+namespace {
+
+// Runs a callback after AccumulateGrad has written a parameter's .grad.
+struct GradReady : torch::autograd::PostAccumulateGradHook {
+  explicit GradReady(std::function<void(const torch::Tensor&)> fn) : fn_(std::move(fn)) {}
+  void operator()(const torch::autograd::Variable& param) override { fn_(param); }
+  std::function<void(const torch::Tensor&)> fn_;
+};
+
+}  // namespace
 
 GradBuckets::GradBuckets(std::shared_ptr<ProcessGroup> pg, const train::NamedTensors& trainable,
                          int64_t bucket_bytes)
@@ -37,13 +50,17 @@ GradBuckets::GradBuckets(std::shared_ptr<ProcessGroup> pg, const train::NamedTen
     cur_elems += numel;
   }
   close();
+  // A post-accumulate hook, not a tensor hook: tensor hooks also fire inside nested autograd::grad
+  // calls (recompute-in-backward of checkpointed layers and of the chunked loss), once per partial
+  // gradient, while this one fires once per backward with the finished .grad. A tied embedding
+  // (used by the lookup and by every loss chunk) therefore arrives exactly once.
   std::weak_ptr<bool> alive = alive_;
-  for (size_t i = 0; i < n; ++i) {
-    params_[i].register_hook([this, alive, i](const torch::Tensor& grad) {
-      if (alive.expired()) return;
-      on_grad(i, grad);
-    });
-  }
+  for (size_t i = 0; i < n; ++i)
+    torch::autograd::impl::set_post_acc_grad_hooks(
+        params_[i], std::make_unique<GradReady>([this, alive, i](const torch::Tensor&) {
+          if (alive.expired()) return;
+          on_grad(i);
+        }));
 }
 
 GradBuckets::~GradBuckets() {
@@ -66,22 +83,20 @@ void GradBuckets::arm(bool last_micro) {
   armed_ = last_micro;
 }
 
-void GradBuckets::on_grad(size_t i, const torch::Tensor& grad) {
+void GradBuckets::on_grad(size_t i) {
   if (!armed_) return;  // no_sync: earlier micro-batches only accumulate into .grad
   torch::NoGradGuard no_grad;
   Bucket& b = buckets_[bucket_of_[i]];
   size_t pos = 0;
   while (b.members[pos] != i) ++pos;
   torch::Tensor slot = b.flat.narrow(0, b.offsets[pos], params_[i].numel()).view(params_[i].sizes());
-  const torch::Tensor& acc = params_[i].grad();
-  if (seen_[i]) {  // a second gradient for the same parameter in this backward
+  if (seen_[i]) {  // accumulated twice in one backward: only possible if .grad changed after a reduce
     if (b.pending.valid())
       fail("internal: parameter '{}' received a gradient after its DDP bucket was reduced", names_[i]);
-    slot.add_(grad.to(torch::kFloat32));
+    slot.copy_(params_[i].grad());
     return;
   }
-  if (acc.defined()) slot.copy_(acc.add(grad));  // in the param's dtype, as the loop accumulates it
-  else slot.copy_(grad);
+  slot.copy_(params_[i].grad());  // every micro-batch of the group, summed by AccumulateGrad
   seen_[i] = true;
   if (++b.ready == b.members.size()) launch_ready();
 }

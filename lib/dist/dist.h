@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,10 @@ namespace c10d {
 class Backend;
 class Store;
 }  // namespace c10d
+
+namespace llmtune::model {
+class TransformerImpl;
+}  // namespace llmtune::model
 
 namespace llmtune::dist {
 
@@ -135,9 +140,9 @@ std::shared_ptr<ProcessGroup> init_process_group(const WorldInfo& world, const G
 
 // ---------------------------------------------------------------------------------------------
 // DDP: trainable parameters in ~bucket_bytes buckets (reverse registration order, the order their
-// gradients are produced). On the final micro-batch of an accumulation group each parameter's grad
-// hook copies its finished gradient into its bucket and a full bucket starts its all-reduce while
-// backward continues; earlier micro-batches only accumulate locally (no_sync).
+// gradients are produced). On the final micro-batch of an accumulation group each parameter's
+// post-accumulate hook copies its finished gradient into its bucket and a full bucket starts its
+// all-reduce while backward continues; earlier micro-batches only accumulate locally (no_sync).
 class GradBuckets {
  public:
   GradBuckets(std::shared_ptr<ProcessGroup> pg, const train::NamedTensors& trainable, int64_t bucket_bytes);
@@ -156,7 +161,7 @@ class GradBuckets {
     size_t ready = 0;
     ProcessGroup::Pending pending;
   };
-  void on_grad(size_t index, const torch::Tensor& grad);
+  void on_grad(size_t index);  // after AccumulateGrad wrote params_[index].grad()
   void launch_ready();  // starts ready buckets in index order (the same collective order on every rank)
   std::shared_ptr<ProcessGroup> pg_;
   std::vector<torch::Tensor> params_;
@@ -179,8 +184,12 @@ std::vector<int> partition_params(const std::vector<int64_t>& numels, int world_
 class ShardedOptimizer : public train::Optimizer {
  public:
   // `owner`: parameter name → rank (partition_params over the trainable list, the same on every rank).
+  // `publish`: the parameters whose owner broadcasts them after the step (every rank keeps them
+  // whole); nullopt = all of them (ZeRO-1/2). ZeRO-3 publishes only the parameters outside the
+  // sharded layers, since the layers' parameters are gathered when they are used.
   ShardedOptimizer(std::shared_ptr<ProcessGroup> pg, const train::OptimizerOptions& options,
-                   std::vector<train::ParamGroup> groups, std::map<std::string, int> owner);
+                   std::vector<train::ParamGroup> groups, std::map<std::string, int> owner,
+                   std::optional<std::set<std::string>> publish = std::nullopt);
   void step(double lr) override;
   train::NamedTensors state_tensors() const override;
   nlohmann::json state_scalars() const override;
@@ -193,16 +202,49 @@ class ShardedOptimizer : public train::Optimizer {
   std::shared_ptr<ProcessGroup> pg_;
   std::unique_ptr<train::Optimizer> inner_;
   std::map<std::string, int> owner_;
-  std::vector<std::pair<std::string, torch::Tensor>> all_;  // every param, in group order
+  std::vector<std::pair<std::string, torch::Tensor>> all_;  // every published param, in group order
   mutable nlohmann::json gathered_scalars_;  // filled by state_tensors() for state_scalars()
 };
+
+// ---------------------------------------------------------------------------------------------
+// ZeRO-3 (fully sharded): every decoder layer is a unit whose parameters (trainable and frozen,
+// partitioned separately, greedy by size) are spread over the ranks; a rank keeps only its own and
+// the others are empty tensors. The model's layer runner all-gathers a unit before its forward and
+// frees it after; backward gathers it again, recomputes the layer (RNG state restored), and reduces
+// each trainable parameter's gradient to its owner, which alone keeps gradient, master and optimizer
+// state. Parameters outside the layers (embeddings, final norm, untied lm head) stay whole on every
+// rank; their gradients and optimizer states are partitioned as in ZeRO-2.
+class ShardedLayers {
+ public:
+  ShardedLayers(std::shared_ptr<ProcessGroup> pg, model::TransformerImpl& model);
+  ~ShardedLayers();
+  ShardedLayers(const ShardedLayers&) = delete;
+  ShardedLayers& operator=(const ShardedLayers&) = delete;
+  // For parameters of the model (matched by tensor identity, so any wrapper's names work).
+  bool in_layers(const torch::Tensor& param) const;
+  bool is_local(const torch::Tensor& param) const;  // true for everything outside the layers
+  // Rank 0 receives every parameter whole (a collective), or frees what it does not own again.
+  void gather_on_main(bool whole);
+  // Bytes of layer parameters this rank keeps, and the largest unit (what a gather materialises).
+  int64_t local_bytes() const;
+  int64_t max_unit_bytes() const;
+
+  struct Impl;  // defined in fsdp.cpp; public so its autograd nodes can hold it
+
+ private:
+  std::shared_ptr<Impl> impl_;  // shared with the layer runner's autograd nodes
+};
+
+// Gathers named tensors held by different ranks onto rank 0 (a collective): each name is taken from
+// the lowest rank that holds it. Other ranks get an empty list.
+train::NamedTensors gather_named_to_main(ProcessGroup& pg, const train::NamedTensors& local);
 
 // ---------------------------------------------------------------------------------------------
 // The train::Parallel implementation, from the recipe (ddp_backend, ddp_timeout, zero_stage /
 // deepspeed / fsdp, ddp_bucket_cap_mb) and the environment. Installed into train by install().
 struct ParallelOptions {
   GroupOptions group;
-  int zero_stage = 0;          // 0 DDP, 1 optimizer states, 2 + gradients
+  int zero_stage = 0;          // 0 DDP, 1 optimizer states, 2 + gradients, 3 + parameters
   int64_t bucket_bytes = 25 << 20;
   fs::path log_dir;            // LLMTUNE_RANK_LOG_DIR: every rank also logs to log_dir/rank-<r>.log
 };

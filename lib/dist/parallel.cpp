@@ -4,15 +4,71 @@
 // norms, a stop flag every rank agrees on, and step notes for hang diagnostics.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 
 #include "config/config.h"
 #include "core/core.h"
 #include "dist/dist.h"
+#include "model/model.h"
 
 namespace llmtune::dist {
 namespace {
+
+// Global-norm clipping when each gradient lives on one rank only (ZeRO-2/3): squared norms of the
+// gradients held here are summed over ranks. Emptied gradients (another owner's) are skipped.
+std::function<double(const std::vector<torch::Tensor>&, double)> partitioned_clip(std::shared_ptr<ProcessGroup> pg) {
+  return [pg](const std::vector<torch::Tensor>& params, double max_norm) {
+    torch::NoGradGuard ng;
+    double local = 0;
+    std::vector<torch::Tensor> grads;
+    for (const auto& p : params)
+      if (p.grad().defined() && p.grad().numel() > 0) {
+        grads.push_back(p.grad());
+        local += p.grad().to(torch::kFloat64).pow(2).sum().item<double>();
+      }
+    const double norm = std::sqrt(pg->all_reduce_scalar(local));
+    if (max_norm > 0 && std::isfinite(norm)) {
+      const double coef = max_norm / (norm + 1e-6);
+      if (coef < 1.0)
+        for (auto& g : grads) g.mul_(coef);
+    }
+    return norm;
+  };
+}
+
+// Sums gradients onto their owners: for each rank r, one reduce of the flat fp32 gradients r owns.
+// `owners[i]` is the owner of grads[i], or -1 for a gradient that is already where it belongs.
+void reduce_to_owners(ProcessGroup& pg, std::vector<torch::Tensor>& grads, const std::vector<int>& owners) {
+  torch::NoGradGuard ng;
+  for (int r = 0; r < pg.world_size(); ++r) {
+    std::vector<torch::Tensor> parts;
+    std::vector<size_t> idx;
+    for (size_t i = 0; i < grads.size(); ++i)
+      if (owners[i] == r) {
+        parts.push_back(grads[i].reshape({-1}).to(torch::TensorOptions().dtype(torch::kFloat32).device(pg.device())));
+        idx.push_back(i);
+      }
+    if (parts.empty()) continue;
+    torch::Tensor flat = torch::cat(parts);
+    pg.reduce_sum(flat, r);
+    int64_t off = 0;
+    for (size_t i : idx) {
+      const int64_t k = grads[i].numel();
+      if (r == pg.rank()) grads[i].copy_(flat.narrow(0, off, k).view(grads[i].sizes()));
+      else grads[i].set_();  // freed: this rank never reads another owner's gradient
+      off += k;
+    }
+  }
+}
+
+model::TransformerImpl* find_transformer(torch::nn::Module& root) {
+  if (auto* t = dynamic_cast<model::TransformerImpl*>(&root)) return t;
+  for (const auto& m : root.modules(/*include_self=*/false))
+    if (auto* t = dynamic_cast<model::TransformerImpl*>(m.get())) return t;
+  return nullptr;
+}
 
 class C10dParallel : public train::Parallel {
  public:
@@ -69,6 +125,10 @@ class C10dParallel : public train::Parallel {
       return pg->all_reduce_scalar(mine ? 1.0 : 0.0) > 0;  // every rank stops at the same step
     };
 
+    if (options_.zero_stage == 3) {
+      attach_fully_sharded(model, trainable, hooks);
+      return;
+    }
     std::map<std::string, int> owner;
     if (options_.zero_stage >= 1) {
       auto part = partition_params(numels, pg_->world_size());
@@ -88,52 +148,75 @@ class C10dParallel : public train::Parallel {
       for (const auto& [name, p] : trainable) owners.push_back(owner.at(name));
       const size_t n = trainable.size();
       hooks.reduce_gradients = [pg, owners, n](std::vector<torch::Tensor>& grads) {
-        torch::NoGradGuard ng;
         if (grads.size() != n)
           fail("ZeRO-2: {} of {} trainable parameters received a gradient on rank {}; unused parameters are not "
                "supported", grads.size(), n, pg->rank());
-        for (int r = 0; r < pg->world_size(); ++r) {
-          std::vector<torch::Tensor> parts;
-          std::vector<size_t> idx;
-          for (size_t i = 0; i < n; ++i)
-            if (owners[i] == r) {
-              parts.push_back(grads[i].reshape({-1}).to(torch::TensorOptions().dtype(torch::kFloat32).device(pg->device())));
-              idx.push_back(i);
-            }
-          if (parts.empty()) continue;
-          torch::Tensor flat = torch::cat(parts);
-          pg->reduce_sum(flat, r);
-          int64_t off = 0;
-          for (size_t i : idx) {
-            const int64_t k = grads[i].numel();
-            if (r == pg->rank()) grads[i].copy_(flat.narrow(0, off, k).view(grads[i].sizes()));
-            else grads[i].set_();  // freed: this rank never reads another owner's gradient
-            off += k;
-          }
-        }
+        reduce_to_owners(*pg, grads, owners);
       };
-      hooks.clip_gradients = [pg](const std::vector<torch::Tensor>& params, double max_norm) {
-        torch::NoGradGuard ng;
-        double local = 0;
-        std::vector<torch::Tensor> grads;
-        for (const auto& p : params)
-          if (p.grad().defined() && p.grad().numel() > 0) {
-            grads.push_back(p.grad());
-            local += p.grad().to(torch::kFloat64).pow(2).sum().item<double>();
-          }
-        const double norm = std::sqrt(pg->all_reduce_scalar(local));
-        if (max_norm > 0 && std::isfinite(norm)) {
-          const double coef = max_norm / (norm + 1e-6);
-          if (coef < 1.0)
-            for (auto& g : grads) g.mul_(coef);
-        }
-        return norm;
-      };
+      hooks.clip_gradients = partitioned_clip(pg);
     }
   }
 
+  void unshard_model() override {
+    if (sharded_) sharded_->gather_on_main(true);
+  }
+
  private:
+  // ZeRO-3: decoder layers sharded (lib/dist/fsdp.cpp); what stays outside them (embeddings, final
+  // norm, untied lm head) is whole on every rank with ZeRO-2 treatment (owner-reduced gradients,
+  // owner-updated, broadcast after the step).
+  void attach_fully_sharded(torch::nn::Module& model, const train::NamedTensors& trainable, train::TrainHooks& hooks) {
+    model::TransformerImpl* tf = find_transformer(model);
+    if (!tf) fail("zero_stage 3 / fsdp: the model being trained has no llmtune transformer to shard");
+    sharded_ = std::make_shared<ShardedLayers>(pg_, *tf);
+    auto pg = pg_;
+    auto sharded = sharded_;
+    std::map<std::string, bool> local;
+    std::vector<std::string> root;  // trainable names outside the layers, in registration order
+    std::vector<int64_t> root_numels;
+    for (const auto& [name, p] : trainable) {
+      local[name] = sharded->is_local(p);
+      if (!sharded->in_layers(p)) {
+        root.push_back(name);
+        root_numels.push_back(p.numel());
+      }
+    }
+    const auto root_owner = partition_params(root_numels, pg->world_size());
+    std::map<std::string, int> owner;
+    std::set<std::string> publish(root.begin(), root.end());
+    for (size_t i = 0; i < root.size(); ++i) owner[root[i]] = root_owner[i];
+    std::vector<int> grad_owner;  // per local trainable, in the loop's order
+    for (const auto& [name, p] : trainable) {
+      if (!local.at(name)) continue;
+      auto it = owner.find(name);
+      grad_owner.push_back(it != owner.end() ? it->second : -1);
+      if (it == owner.end()) owner[name] = pg->rank();
+    }
+    hooks.is_local = [local](const std::string& name) {
+      auto it = local.find(name);
+      return it == local.end() || it->second;
+    };
+    hooks.make_optimizer = [pg, owner, publish](const train::OptimizerOptions& o, std::vector<train::ParamGroup> groups) {
+      return std::unique_ptr<train::Optimizer>(new ShardedOptimizer(pg, o, std::move(groups), owner, publish));
+    };
+    hooks.reduce_gradients = [pg, grad_owner](std::vector<torch::Tensor>& grads) {
+      if (grads.size() != grad_owner.size())
+        fail("ZeRO-3: {} of {} local trainable parameters received a gradient on rank {}; unused parameters are not "
+             "supported", grads.size(), grad_owner.size(), pg->rank());
+      reduce_to_owners(*pg, grads, grad_owner);
+    };
+    hooks.clip_gradients = partitioned_clip(pg);
+    hooks.gather_to_main = [pg](const train::NamedTensors& mine) { return gather_named_to_main(*pg, mine); };
+    hooks.unshard = [sharded](bool whole) { sharded->gather_on_main(whole); };
+    log::info(fmt::format("ZeRO-3: {} decoder layers sharded over {} ranks; this rank keeps {:.1f} MiB of their "
+                          "parameters, a gathered layer takes {:.1f} MiB; {} parameters outside the layers stay whole",
+                          tf->decoder->layer_list.size(), pg->world_size(),
+                          static_cast<double>(sharded->local_bytes()) / (1 << 20),
+                          static_cast<double>(sharded->max_unit_bytes()) / (1 << 20), root.size()));
+  }
+
   ParallelOptions options_;
+  std::shared_ptr<ShardedLayers> sharded_;
   std::shared_ptr<ProcessGroup> pg_;
   std::shared_ptr<GradBuckets> buckets_;
 };
@@ -147,11 +230,15 @@ ParallelOptions parallel_options_from_recipe(const config::Recipe& r) {
   if (const char* t = std::getenv("LLMTUNE_RDZV_TIMEOUT"); t && *t)
     o.group.rdzv_timeout = std::chrono::milliseconds(static_cast<int64_t>(std::atof(t) * 1000));
   o.zero_stage = static_cast<int>(r.zero_stage.value_or(0));
-  if (!r.fsdp.empty()) o.zero_stage = 3;
+  if (!r.fsdp.empty()) {
+    for (const auto& option : r.fsdp)
+      if (option != "full_shard" && option != "auto_wrap" && option != "shard_grad_op")
+        fail("fsdp: option '{}' is not supported; llmtune's FSDP is full_shard with one unit per decoder layer "
+             "(auto_wrap); parameters are not offloaded", option);
+    o.zero_stage = 3;
+    if (std::find(r.fsdp.begin(), r.fsdp.end(), "shard_grad_op") != r.fsdp.end()) o.zero_stage = 2;
+  }
   if (r.ddp_bucket_cap_mb) o.bucket_bytes = *r.ddp_bucket_cap_mb << 20;
-  if (o.zero_stage == 3)
-    fail("zero_stage: 3 / fsdp (parameters sharded per decoder layer) is not implemented yet; use zero_stage: 2 "
-         "(optimizer states and gradients sharded) or zero_stage: 1");
   return o;
 }
 

@@ -41,7 +41,8 @@ std::vector<int> partition_params(const std::vector<int64_t>& numels, int world_
 }
 
 ShardedOptimizer::ShardedOptimizer(std::shared_ptr<ProcessGroup> pg, const train::OptimizerOptions& options,
-                                   std::vector<train::ParamGroup> groups, std::map<std::string, int> owner)
+                                   std::vector<train::ParamGroup> groups, std::map<std::string, int> owner,
+                                   std::optional<std::set<std::string>> publish)
     : train::Optimizer(groups), pg_(std::move(pg)), owner_(std::move(owner)) {
   std::vector<train::ParamGroup> mine;
   for (const auto& g : groups) {
@@ -51,7 +52,7 @@ ShardedOptimizer::ShardedOptimizer(std::shared_ptr<ProcessGroup> pg, const train
     for (size_t i = 0; i < g.names.size(); ++i) {
       auto it = owner_.find(g.names[i]);
       if (it == owner_.end()) fail("internal: ZeRO has no owner for parameter '{}'", g.names[i]);
-      all_.emplace_back(g.names[i], g.params[i]);
+      if (!publish || publish->count(g.names[i])) all_.emplace_back(g.names[i], g.params[i]);
       if (it->second == pg_->rank()) {
         m.names.push_back(g.names[i]);
         m.params.push_back(g.params[i]);

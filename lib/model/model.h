@@ -271,6 +271,14 @@ class TransformerImpl : public torch::nn::Module {
   // For PEFT merges that change the architecture flags (BitFit adds biases): edit, then keep the
   // modules consistent yourself.
   ModelConfig& mutable_config() { return config_; }
+  // How the decoder layers are run. The default calls each layer (through checkpoint() when
+  // gradient checkpointing is on). Fully sharded data parallelism (lib/dist) installs a runner
+  // that gathers a layer's parameters around its forward and its recomputation in backward.
+  // `checkpointed`: the caller asked for recompute-in-backward. Null restores the default.
+  using LayerRunner = std::function<torch::Tensor(DecoderLayerImpl& layer, const torch::Tensor& x,
+                                                  const LayerInputs& in, bool checkpointed)>;
+  void set_layer_runner(LayerRunner runner) { layer_runner_ = std::move(runner); }
+  bool has_layer_runner() const { return static_cast<bool>(layer_runner_); }
 
   DecoderStack decoder{nullptr};  // registered as "model" (HF prefix)
 
@@ -279,6 +287,7 @@ class TransformerImpl : public torch::nn::Module {
                       const ForwardOptions& opts, torch::Tensor* new_key_mask, int64_t prefix_len = 0);
   ModelConfig config_;
   VirtualTokensPtr virtual_tokens_;
+  LayerRunner layer_runner_;
   LinearPtr lm_head_;  // null when tied
   torch::Tensor inv_freq_;  // [D/2] fp32 for the configured rope (non-dynamic part)
   double attention_scaling_ = 1.0;

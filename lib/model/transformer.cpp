@@ -425,7 +425,13 @@ torch::Tensor TransformerImpl::hidden_states(const torch::Tensor& input_ids, con
   if (n_prefix) in.prefix = prefix_kv;
 
   const bool ckpt = opts.gradient_checkpointing && torch::GradMode::is_enabled() && !opts.cache;
+  if (layer_runner_ && !in.prefix.empty())
+    fail("prefix tuning cannot run with a custom layer runner (fully sharded training)");
   for (auto& layer : decoder->layer_list) {
+    if (layer_runner_) {
+      x = layer_runner_(*layer, x, in, ckpt);
+      continue;
+    }
     if (!ckpt) {
       x = layer->forward(x, in);
       continue;

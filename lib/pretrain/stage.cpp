@@ -293,6 +293,7 @@ int run_pretrain(const config::Recipe& recipe, const PretrainOptions& po) {
   std::signal(SIGINT, previous);
 
   // ---- outputs ----
+  if (par) par->unshard_model();  // ZeRO-3: rank 0 gets the whole model to save
   if (par) par->barrier();
   if (rank != 0) return 0;
   model::save_pretrained(*net, out);

@@ -282,6 +282,7 @@ int run_sft(const config::Recipe& recipe, const StageOptions& so) {
   std::signal(SIGINT, previous);
 
   // ---- outputs ------------------------------------------------------------------------------------
+  if (par) par->unshard_model();  // ZeRO-3: rank 0 gets the whole model to save
   if (par) par->barrier();  // every rank finished training before rank 0 writes and anyone exits
   if (rank != 0) return 0;
   peft::save_trained(*net, setup, out);

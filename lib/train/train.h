@@ -304,6 +304,16 @@ struct TrainHooks {
   std::function<void(bool last)> before_backward;
   std::function<std::unique_ptr<Optimizer>(const OptimizerOptions&, std::vector<ParamGroup>)> make_optimizer;
   std::function<double(const std::vector<torch::Tensor>& params, double max_norm)> clip_gradients;
+  // Fully sharded parameters (ZeRO-3): a trainable parameter that `is_local` to this rank keeps its
+  // values, fp32 master, gradient and optimizer state here; the others are empty outside their
+  // layer's forward and backward, and the loop skips them. `gather_to_main` is a collective: each
+  // rank passes its local named tensors, rank 0 gets the union back (checkpoint contents).
+  // `unshard(true)` (a collective) makes every parameter whole on rank 0, the rank that writes
+  // (around save_extra, which writes files from the model); `unshard(false)` frees the non-local
+  // ones there again.
+  std::function<bool(const std::string& name)> is_local;
+  std::function<NamedTensors(const NamedTensors& local)> gather_to_main;
+  std::function<void(bool whole)> unshard;
 };
 
 // The data-parallel seam: lib/dist implements it on c10d, the llmtune binary installs the factory,
@@ -318,6 +328,9 @@ class Parallel {
   virtual torch::Device device() const = 0;  // cuda:<local_rank> on NCCL, else CPU
   virtual void attach(torch::nn::Module& model, TrainHooks& hooks) = 0;
   virtual void barrier() = 0;
+  // Fully sharded runs: after training, make every parameter whole on rank 0 so the stage can
+  // save the model (a collective; every rank calls it). No-op for DDP and ZeRO-1/2.
+  virtual void unshard_model() {}
 };
 using ParallelFactory = std::function<std::unique_ptr<Parallel>(const config::Recipe&)>;
 void set_parallel_factory(ParallelFactory factory);

@@ -121,6 +121,7 @@ TrainResult run_training(torch::nn::Module& model, Objective& objective, BatchSo
   std::vector<Trainable> trainables;
   for (const auto& item : model.named_parameters(/*recurse=*/true)) {
     if (!item.value().requires_grad()) continue;
+    if (hooks.is_local && !hooks.is_local(item.key())) continue;  // ZeRO-3: another rank keeps it
     Trainable t{item.key(), item.value(), item.value(), false};
     if (!t.param.is_floating_point()) fail("trainable parameter '{}' is not floating point", t.name);
     if (t.param.scalar_type() != torch::kFloat32) {
@@ -129,7 +130,7 @@ TrainResult run_training(torch::nn::Module& model, Objective& objective, BatchSo
     }
     trainables.push_back(std::move(t));
   }
-  if (trainables.empty())
+  if (trainables.empty() && !hooks.is_local)
     fail("the model has no trainable parameters (all requires_grad=false); check the adapter / trainable settings");
   NamedTensors named_masters;
   std::vector<torch::Tensor> masters;
@@ -262,15 +263,28 @@ TrainResult run_training(torch::nn::Module& model, Objective& objective, BatchSo
     // Every rank asks for the optimizer state: a sharded (ZeRO) optimizer gathers it collectively.
     NamedTensors opt_state = optimizer->state_tensors();
     nlohmann::json opt_scalars = optimizer->state_scalars();
-    if (!writes) return;
+    NamedTensors params, param_masters;
+    for (const auto& t : trainables) {
+      params.emplace_back(t.name, t.param);
+      if (t.has_master) param_masters.emplace_back("master." + t.name, t.master);
+    }
+    if (hooks.gather_to_main) {  // ZeRO-3: each rank holds some of them; rank 0 collects the rest
+      params = hooks.gather_to_main(params);
+      param_masters = hooks.gather_to_main(param_masters);
+    }
+    const bool unshard = hooks.unshard && hooks.save_extra;  // save_extra writes from the model itself
+    if (unshard) hooks.unshard(true);
+    if (!writes) {
+      if (unshard) hooks.unshard(false);
+      return;
+    }
     detail::CheckpointData d;
-    for (const auto& t : trainables) d.trainable.emplace_back(t.name, t.param);
+    d.trainable = std::move(params);
     d.optimizer = std::move(opt_state);
-    for (const auto& t : trainables)
-      if (t.has_master) d.optimizer.emplace_back("master." + t.name, t.master);
+    d.optimizer.insert(d.optimizer.end(), param_masters.begin(), param_masters.end());
     d.rng_state = rng_get();
     nlohmann::json trainable_names = nlohmann::json::array();
-    for (const auto& t : trainables) trainable_names.push_back(t.name);
+    for (const auto& [name, tensor] : d.trainable) trainable_names.push_back(name);
     d.state = {{"format", "llmtune-trainer-state"}, {"version", 1}, {"global_step", step}, {"epoch", epoch},
                {"micro_in_epoch", micro_in_epoch}, {"total_steps", total}, {"tokens_seen", tokens_seen},
                {"bad_steps_in_row", bad_in_row}, {"skipped_steps", skipped}, {"last_eval_loss", last_eval_loss},
@@ -278,7 +292,13 @@ TrainResult run_training(torch::nn::Module& model, Objective& objective, BatchSo
                {"precision", to_string(opt.precision)}, {"scaler", scaler.state()},
                {"optimizer", opt_scalars}, {"data", train_data.state()},
                {"log_window", window.to_json()}, {"trainable", trainable_names}};
-    result.last_checkpoint = detail::write_checkpoint(opt.output_dir, step, d, hooks.save_extra);
+    try {
+      result.last_checkpoint = detail::write_checkpoint(opt.output_dir, step, d, hooks.save_extra);
+    } catch (...) {
+      if (unshard) hooks.unshard(false);
+      throw;
+    }
+    if (unshard) hooks.unshard(false);
     detail::rotate_checkpoints(opt.output_dir, opt.save_total_limit);
   };
 

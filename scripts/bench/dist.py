@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
 """Per-rank peak memory and communication volume of `llmtune launch ... -- sft` under DDP and
-ZeRO-1/2 on a randomly initialised SmolLM-135M-shaped Llama (full fine-tune, fp32, AdamW), against
+ZeRO-1/2/3 on a randomly initialised SmolLM-135M-shaped Llama (full fine-tune, fp32, AdamW), against
 the ZeRO paper's model-state formulas adapted to fp32 training (params 4Ψ, grads 4Ψ, AdamW 8Ψ bytes):
   DDP 16Ψ;  ZeRO-1 4Ψ + 4Ψ + 8Ψ/N;  ZeRO-2 4Ψ + (4 + 8)Ψ/N   (per rank, N ranks)
+  ZeRO-3 (llmtune shards the decoder layers, Ψ_L; the rest, Ψ_R = embeddings + final norm, stays whole
+  with ZeRO-2 treatment): 4Ψ_R + 4Ψ_R (its gradient, whole until reduced) + (4 + 4)Ψ_L/N + 8Ψ/N,
+  plus one gathered layer at a time
 and the ring volumes per step (bytes a rank sends): all-reduce 2(N-1)/N·4Ψ; ZeRO-1 adds the owners'
-broadcast (≈ 4Ψ/N each); ZeRO-2 reduces to owners ((N-1)/N·4Ψ) + broadcast.
+broadcast (≈ 4Ψ/N each); ZeRO-2 reduces to owners ((N-1)/N·4Ψ) + broadcast; ZeRO-3 all-gathers each
+layer in forward and again in backward and reduces its gradients to owners (3·(N-1)/N·4Ψ_L), plus
+ZeRO-2's volume for Ψ_R.
 Measured peak = process peak RSS (includes LibTorch, activations, data); the model-state column is
 the formula. Usage: dist.py --llmtune build/llmtune [--ranks 1,2,4] [--stages 0,1,2] [--steps 2]
 Runs briefly: the machine is shared. Prints a Markdown table (and --json FILE)."""
@@ -44,7 +49,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llmtune", default=os.path.join(ROOT, "build", "llmtune"))
     ap.add_argument("--ranks", default="1,2")
-    ap.add_argument("--stages", default="0,1,2")
+    ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--work", default=os.path.join(os.environ.get("LLMTUNE_CACHE", os.path.expanduser("~/.cache/llmtune")), "bench-dist"))
     ap.add_argument("--json")
@@ -62,6 +67,8 @@ def main():
     from safetensors import safe_open
     with safe_open(os.path.join(model, "model.safetensors"), "pt") as f:
         psi = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        psi_l = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("model.layers."))
+    psi_r = psi - psi_l
     rows = []
     port = 29600
     for n in [int(x) for x in a.ranks.split(",")]:
@@ -91,15 +98,17 @@ def main():
             if not ranks:  # one process: no process group; the loop logs peak RSS itself
                 last = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))][-1]
                 ranks[0] = (last["peak_rss_mib"], 0.0, a.steps)
-            states = {0: 16 * psi, 1: 8 * psi + 8 * psi / n, 2: 4 * psi + 12 * psi / n}[stage]
+            states = {0: 16 * psi, 1: 8 * psi + 8 * psi / n, 2: 4 * psi + 12 * psi / n,
+                      3: 8 * psi_r + 8 * psi_l / n + 8 * psi / n}[stage]
             ring = 2 * (n - 1) / n * 4 * psi if n > 1 else 0
-            comm = {0: ring, 1: ring + 4 * psi / n, 2: (n - 1) / n * 4 * psi + 4 * psi / n}[stage] if n > 1 else 0
+            comm = {0: ring, 1: ring + 4 * psi / n, 2: (n - 1) / n * 4 * psi + 4 * psi / n,
+                    3: 3 * (n - 1) / n * 4 * psi_l + (n - 1) / n * 4 * psi_r + 4 * psi_r / n}[stage] if n > 1 else 0
             for r, (peak, sent, steps) in sorted(ranks.items()):
                 rows.append({"ranks": n, "stage": stage, "rank": r, "peak_rss_mib": peak,
                              "model_states_predicted_mib": states / 2**20, "sent_mib_per_step": sent / max(steps, 1),
                              "predicted_sent_mib_per_step": comm / 2**20})
             print(f"N={n} ZeRO-{stage}: done", file=sys.stderr)
-    print(f"Ψ = {psi/1e6:.1f} M parameters (SmolLM-135M shape, fp32)\n")
+    print(f"Ψ = {psi/1e6:.1f} M parameters (SmolLM-135M shape, fp32), Ψ_L = {psi_l/1e6:.1f} M in the decoder layers\n")
     print("| ranks | mode | rank | peak RSS MiB | model states (formula) MiB | sent MiB/step | predicted MiB/step |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

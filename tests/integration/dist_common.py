@@ -4,6 +4,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from sft_common import FIXTURES, base_recipe, demo_model, last_word_task, metrics, run, write_jsonl, write_recipe  # noqa
@@ -33,6 +34,29 @@ def launch(nproc, args, check=True, extra=()):
     if check and p.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     return p
+
+
+def start_launch(nproc, args, extra=()):
+    """`llmtune launch` in the background (for tests that signal it or its workers)."""
+    cmd = [BIN, "launch", "--nproc-per-node", str(nproc), "--master-port", str(port()), *extra, "--",
+           *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env({}))
+
+
+def children(pid):
+    """The launcher's worker processes."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def wait_for(path, proc, seconds=300):
+    """True once `path` exists, False if `proc` ended or time ran out first."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def run_ranks(envs, args):

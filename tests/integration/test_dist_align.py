@@ -1,9 +1,9 @@
 # ctest-processors: 2  (two ranks)
-"""The alignment stages under `llmtune launch` on 2 Gloo ranks: `dpo` (LoRA, DDP and ZeRO-1) and
-`reward` (LoRA + score head, DDP) end with the same weights as one process over the same global batch
+"""The alignment stages under `llmtune launch` on 2 Gloo ranks: `dpo` (LoRA, DDP, ZeRO-1 and ZeRO-3)
+and `reward` (LoRA + score head, DDP and ZeRO-3) end with the same weights as one process over the same global batch
 (one process with gradient accumulation 2 = two ranks x accumulation 1; each rank takes every second
 batch of the epoch), and rank 0 alone writes; `ppo` (GRPO, LoRA) runs on 2 ranks, each rank sampling
-its own prompts with its own seed, and writes one output. Tolerance: fp32 reduction order (the
+its own prompts with its own seed, and writes one output (ZeRO-3 is refused for rollouts). Tolerance: fp32 reduction order (the
 gradients of two micro-batches are summed in another order), as in test_dist_sft."""
 import json
 import os
@@ -45,7 +45,7 @@ ADAPTER = "adapter_model.safetensors"
 # ---- DPO: one process (accumulation 2) vs 2 ranks under DDP and under ZeRO-1 ---------------------
 r1, out1 = recipe("dpo", "dpo-single", 2)
 run(["dpo", r1, "--no-progress"])
-for name, extra in (("dpo-ddp", {}), ("dpo-zero1", {"zero_stage": 1})):
+for name, extra in (("dpo-ddp", {}), ("dpo-zero1", {"zero_stage": 1}), ("dpo-zero3", {"zero_stage": 3})):
     r2, out2 = recipe("dpo", name, 1, **extra)
     p = launch(2, ["dpo", r2, "--no-progress"])
     assert "[rank 1] dist: rank 1 of 2 joined" in p.stderr, p.stderr[-2000:]
@@ -58,10 +58,11 @@ for name, extra in (("dpo-ddp", {}), ("dpo-zero1", {"zero_stage": 1})):
 # ---- reward: LoRA + score head; the saved classifier (adapter merged) must match --------------------
 rr1, outr1 = recipe("reward", "reward-single", 2)
 run(["reward", rr1, "--no-progress"])
-rr2, outr2 = recipe("reward", "reward-ddp", 1)
-launch(2, ["reward", rr2, "--no-progress"])
-assert_close(os.path.join(outr1, "model.safetensors"), os.path.join(outr2, "model.safetensors"),
-             what="reward model 2 ranks vs 1 process")
+for name, extra in (("reward-ddp", {}), ("reward-zero3", {"zero_stage": 3})):
+    rr2, outr2 = recipe("reward", name, 1, **extra)
+    launch(2, ["reward", rr2, "--no-progress"])
+    assert_close(os.path.join(outr1, "model.safetensors"), os.path.join(outr2, "model.safetensors"),
+                 what=f"reward model ({name}) 2 ranks vs 1 process")
 
 # ---- GRPO on 2 ranks: runs in step, one output, eval of the held-out reward on every rank --------------
 prompts = os.path.join(work, "prompts.jsonl")
@@ -77,6 +78,8 @@ rg = write_recipe(os.path.join(work, "grpo.yaml"), {
     "save_strategy": "no",
     "trl": {"reward_funcs": ["exact_match"], "num_generations": 4, "max_completion_length": 4,
             "num_ppo_epochs": 1, "num_mini_batches": 2}})
+p = launch(2, ["ppo", rg, "--no-progress", "--set", "zero_stage=3"], check=False)
+assert p.returncode != 0 and "zero_stage 3 / fsdp is not supported for rollouts" in p.stdout + p.stderr, p.stderr[-2000:]
 p = launch(2, ["ppo", rg, "--no-progress"])
 log = p.stdout + p.stderr
 assert "[rank 1] dist: rank 1 of 2 joined" in log, log[-2000:]

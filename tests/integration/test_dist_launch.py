@@ -11,8 +11,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dist_common import (BIN, FIXTURES, assert_close, base_recipe, demo_model, last_word_task, launch, port,  # noqa
-                         run, worker_env, write_jsonl, write_recipe)
+from dist_common import (BIN, FIXTURES, assert_close, base_recipe, children, demo_model, last_word_task, launch,  # noqa
+                         port, run, start_launch, wait_for, worker_env, write_jsonl, write_recipe)
 
 work = os.path.join(FIXTURES, "dist-launch")
 shutil.rmtree(work, ignore_errors=True)
@@ -30,24 +30,8 @@ def recipe(name, accum, **kw):
     return write_recipe(os.path.join(work, name + ".yaml"), r), out
 
 
-def children(pid):
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(x) for x in f.read().split()]
-
-
-def start_launch(rec, extra=()):
-    cmd = [BIN, "launch", "--nproc-per-node", "2", "--master-port", str(port()), *extra, "--", "sft", rec,
-           "--no-progress"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env({}))
-
-
-def wait_for(path, proc, seconds=300):
-    deadline = time.time() + seconds
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(path):
-            return True
-        time.sleep(0.02)
-    return False
+def start(rec, extra=()):
+    return start_launch(2, ["sft", rec, "--no-progress"], extra)
 
 
 # ---- reference: one process, 6 steps of 16 rows (constant lr, so run length does not matter) ----
@@ -56,7 +40,7 @@ run(["sft", ref, "--no-progress"])
 
 # ---- SIGKILL one rank of a long ZeRO-1 run once checkpoint-2 exists ------------------------------
 long_rec, out_long = recipe("killed", 2, max_steps=400, zero_stage=1, save_strategy="steps", save_steps=2)
-p = start_launch(long_rec, extra=["--log-dir", os.path.join(work, "logs")])
+p = start(long_rec, extra=["--log-dir", os.path.join(work, "logs")])
 ok = wait_for(os.path.join(out_long, "checkpoint-2", "trainer_state.json"), p)
 assert ok, f"no checkpoint appeared; launcher rc {p.poll()}"
 workers = children(p.pid)
@@ -84,7 +68,7 @@ assert_close(os.path.join(out_ref, ADAPTER), os.path.join(out_res, ADAPTER),
 
 # ---- SIGINT to the launcher: forwarded; both ranks stop at the same step, checkpoint written --------
 int_rec, out_int = recipe("interrupted", 1, max_steps=400, save_strategy="no")
-p = start_launch(int_rec)
+p = start(int_rec)
 assert wait_for(os.path.join(out_int, "metrics.jsonl"), p), "training did not start"
 time.sleep(0.5)
 p.send_signal(signal.SIGINT)
