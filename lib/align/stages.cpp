@@ -242,15 +242,16 @@ int run_dpo(const config::Recipe& recipe, const StageOptions& so) {
   if (par) par->barrier();  // every rank finished before rank 0 writes
 
   // ---- outputs ----------------------------------------------------------------------------------
+  // Rank 0 checks: it holds every weight now (under ZeRO-3 the other ranks keep only their shard).
+  if (rank != 0) return 0;
   const std::string after = frozen_fingerprint(policy);
   if (setup.lora) {
     nlohmann::json check = {{"frozen_weights_before", before}, {"frozen_weights_after", after},
                             {"unchanged", before == after}};
-    if (rank == 0) std::ofstream(out / "reference_check.json") << check.dump(2) << "\n";
+    std::ofstream(out / "reference_check.json") << check.dump(2) << "\n";
     if (before != after) fail("dpo: the frozen base (the reference) changed during training; this is a bug");
     log::info(fmt::format("dpo: reference weights unchanged (fingerprint {})", after));
   }
-  if (rank != 0) return 0;
   peft::save_trained(policy, setup, out);
   train::stage_copy_tokenizer_files(base.tok_dir, out);
   log::notice(fmt::format("dpo: {} after {} steps (last loss {:.4f}{}); {} written to {}",
