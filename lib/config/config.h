@@ -236,7 +236,7 @@ struct Recipe {
   bool gradient_checkpointing = false;
   std::optional<nlohmann::json> gradient_checkpointing_kwargs;  // no-op
   std::optional<bool> torch_compile;               // no-op
-  int64_t loss_chunk_tokens = 1024;                // llmtune: rows of logits alive at once in the loss
+  int64_t loss_chunk_tokens = 256;                 // llmtune: rows of logits alive at once in the loss
   // --- attention and kernels (all no-ops: llmtune picks its own kernels) ---
   std::optional<bool> flash_attention;
   std::optional<bool> sdp_attention;

@@ -116,16 +116,13 @@ struct UnitCall : torch::CustomClassHolder {
   std::shared_ptr<ShardedLayers::Impl> impl;
   size_t unit = 0;
   model::LayerInputs in;
-  torch::Tensor rng_state;
+  at::Generator rng;  // a copy of the CPU generator as the forward found it
 };
 
-torch::Tensor cpu_rng_state() {
+// Puts the default CPU generator into `from`'s state.
+void restore_cpu_rng(const at::Generator& from) {
   auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
-void set_cpu_rng_state(const torch::Tensor& state) {
-  auto gen = at::detail::getDefaultCPUGenerator();
+  const torch::Tensor state = from.get_state();
   std::lock_guard<std::mutex> lock(gen.mutex());
   gen.set_state(state);
 }
@@ -137,7 +134,7 @@ struct UnitFunction : public torch::autograd::Function<UnitFunction> {
   static torch::Tensor forward(AutogradContext* ctx, c10::intrusive_ptr<UnitCall> call, at::TensorList tensors) {
     ctx->save_for_backward({tensors[0]});
     ctx->saved_data["call"] = c10::IValue::make_capsule(call);
-    call->rng_state = cpu_rng_state();
+    call->rng = at::detail::getDefaultCPUGenerator().clone();
     auto& impl = *call->impl;
     Unit& u = impl.units[call->unit];
     impl.gather(u);
@@ -170,14 +167,14 @@ struct UnitFunction : public torch::autograd::Function<UnitFunction> {
 
     variable_list grads;
     try {
-      const torch::Tensor now = cpu_rng_state();
-      set_cpu_rng_state(call->rng_state);  // dropout masks as in the forward
+      const at::Generator now = at::detail::getDefaultCPUGenerator().clone();
+      restore_cpu_rng(call->rng);  // dropout masks as in the forward
       torch::Tensor y;
       {
         torch::AutoGradMode enable(true);
         y = u.layer->forward(x, call->in);
       }
-      set_cpu_rng_state(now);
+      restore_cpu_rng(now);
       grads = torch::autograd::grad({y}, wrt, {grad_out[0]}, /*retain_graph=*/false, /*create_graph=*/false,
                                     /*allow_unused=*/true);
     } catch (...) {

@@ -239,6 +239,9 @@ ParallelOptions parallel_options_from_recipe(const config::Recipe& r) {
     if (std::find(r.fsdp.begin(), r.fsdp.end(), "shard_grad_op") != r.fsdp.end()) o.zero_stage = 2;
   }
   if (r.ddp_bucket_cap_mb) o.bucket_bytes = *r.ddp_bucket_cap_mb << 20;
+  if (o.zero_stage == 3 && !r.eval_tasks.empty())
+    fail("eval_tasks cannot run with zero_stage 3 / fsdp: rank 0 runs them alone, and every sharded layer needs all "
+         "ranks to gather it; evaluate the saved checkpoints with `llmtune eval` instead, or use zero_stage 2");
   return o;
 }
 

@@ -1,4 +1,5 @@
-// Internal to lib/model: how matrix products of bf16/fp16 tensors are computed on the CPU.
+// Internal to lib/model (and LoRA's training path in lib/peft, which follows the same policy): how
+// matrix products of bf16/fp16 tensors are computed on the CPU.
 //
 // Why: on a CPU without native bf16 dot products (no AVX512_BF16 / AMX), LibTorch's bf16 GEMMs
 // fall back to slow paths: measured here (AMD EPYC, AVX2 only, 2 threads) the backward product

@@ -5,6 +5,7 @@
 #include <regex>
 
 #include "core/core.h"
+#include "model/half_compute.h"
 #include "peft/methods_impl.h"
 #include "peft/peft.h"
 
@@ -41,6 +42,18 @@ torch::Tensor LoraLinearImpl::forward(const torch::Tensor& x) {
   if (disabled) return base_layer->forward(x);
   if (is_dora()) return dora_forward(x);
   auto y = base_layer->forward(x);
+  const auto act = x.scalar_type();
+  if (is_training() && (act == torch::kBFloat16 || act == torch::kHalf) &&
+      !model::detail::half_products_in_fp32(act, x.device())) {
+    // Mixed precision as torch.autocast does it: the fp32 adapter weights are cast to the
+    // activation dtype for the two thin products, so no fp32 copy of x or y is made (or kept for
+    // backward); gradients reach the fp32 weights through the casts. Evaluation and generation
+    // keep the fp32 path below (PEFT's numerics). Where half products are slow (no native bf16),
+    // the fp32 path is the faster one anyway.
+    auto h = dropout > 0 ? torch::dropout(x, dropout, true) : x;
+    auto delta = torch::linear(torch::linear(h, lora_A->weight.to(act)), lora_B->weight.to(act));
+    return y.add(delta, scaling);
+  }
   auto h = x.to(lora_A->weight.scalar_type());
   if (dropout > 0 && is_training()) h = torch::dropout(h, dropout, true);
   auto delta = lora_B->forward(lora_A->forward(h)) * scaling;

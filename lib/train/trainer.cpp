@@ -4,6 +4,7 @@
 // Exactness: everything that influences later steps (weights, masters, optimizer slots, RNG,
 // data position, scaler, log window) is in the checkpoint; eval restores the RNG it used.
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/profiler_legacy.h>
 
 #include <cmath>
 #include <fstream>
@@ -309,7 +310,18 @@ TrainResult run_training(torch::nn::Module& model, Objective& objective, BatchSo
                                         "step");
   model.train();
   double last_loss = std::nan("");
+  // LLMTUNE_PROFILE=FILE: a Chrome trace (chrome://tracing, Perfetto) of every LibTorch op of one
+  // step: the third of this run (the first two warm up allocators and kernels), or the 1-based step
+  // LLMTUNE_PROFILE_STEP; for benchmarking.
+  const char* profile_path = std::getenv("LLMTUNE_PROFILE");
+  const char* profile_at = std::getenv("LLMTUNE_PROFILE_STEP");
+  const int64_t profile_step = profile_at && *profile_at ? std::atoll(profile_at) - 1 : step + 2;
   while (step < total) {
+    std::unique_ptr<torch::autograd::profiler::RecordProfile> profile;
+    if (profile_path && *profile_path && step == profile_step && main_rank) {
+      profile = std::make_unique<torch::autograd::profiler::RecordProfile>(std::string(profile_path));
+      log::info(fmt::format("profiling step {} into {}", step + 1, profile_path));
+    }
     const double t0 = now_seconds();
     // Gather one accumulation group; a group never spans an epoch boundary (HF behaviour).
     std::vector<Batch> group;
