@@ -1,5 +1,6 @@
-// Recompute-in-backward (checkpoint) and the chunked causal-LM loss built on it: each chunk of
-// tokens runs lm_head + log_softmax without keeping its [N,V] logits; backward recomputes one chunk
+// Recompute-in-backward (checkpoint) and the chunked causal-LM loss: each chunk of tokens runs
+// lm_head + log_softmax without keeping its [N,V] logits. In training the chunk's gradients are
+// taken right away (EagerGradCE); otherwise (fp16, token log-probs) backward recomputes one chunk
 // at a time. Gradients are returned to the checkpoint inputs and the parameters passed alongside,
 // so frozen inputs with trainable adapters (LoRA) still get their gradients.
 #include <fmt/ranges.h>
@@ -83,22 +84,99 @@ torch::Tensor checkpoint(const CheckpointFn& fn, const std::vector<torch::Tensor
 
 namespace {
 
+using HeadFn = std::function<torch::Tensor(const torch::Tensor&)>;
+
+torch::Tensor ce_sum(const HeadFn& head, const torch::Tensor& rows, const torch::Tensor& targets) {
+  auto logits = head(rows).to(torch::kFloat);
+  return torch::nn::functional::cross_entropy(logits, targets,
+                                              torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+}
+
+struct HeadHolder : torch::CustomClassHolder {
+  HeadFn head;
+  torch::Tensor targets;
+  int64_t chunk = 0;
+};
+
+// The summed cross-entropy of all rows, chunk by chunk, with its gradients taken in the forward:
+// each chunk's logits live only while that chunk's loss and gradients are computed, and nothing is
+// recomputed in backward (which only scales the stored gradients by the incoming one). This does
+// the lm head's work once forward and once backward, as an unchunked loss does, where
+// recompute-in-backward would do its forward twice. Inputs: rows [N,C], then the head's trainable
+// parameters.
+struct EagerGradCE : public torch::autograd::Function<EagerGradCE> {
+  static torch::Tensor forward(AutogradContext* ctx, c10::intrusive_ptr<HeadHolder> h, at::TensorList inputs) {
+    const torch::Tensor& rows = inputs[0];
+    const int64_t N = rows.size(0);
+    std::vector<torch::Tensor> params(inputs.begin() + 1, inputs.end());
+    std::vector<torch::Tensor> param_grads(params.size());
+    torch::Tensor grad_rows = rows.requires_grad() ? torch::empty_like(rows) : torch::Tensor();
+    double total = 0;
+    for (int64_t s = 0; s < N; s += h->chunk) {
+      const int64_t len = std::min(h->chunk, N - s);
+      torch::Tensor x = rows.narrow(0, s, len).detach();
+      if (rows.requires_grad()) x.requires_grad_(true);
+      std::vector<torch::Tensor> wrt;
+      if (rows.requires_grad()) wrt.push_back(x);
+      for (const auto& p : params) wrt.push_back(p);
+      torch::Tensor loss;
+      std::vector<torch::Tensor> g;
+      {
+        torch::AutoGradMode enable(true);
+        loss = ce_sum(h->head, x, h->targets.narrow(0, s, len));
+        g = torch::autograd::grad({loss}, wrt, {}, /*retain_graph=*/false, /*create_graph=*/false,
+                                  /*allow_unused=*/true);
+      }
+      total += loss.item<double>();
+      size_t k = 0;
+      if (rows.requires_grad()) grad_rows.narrow(0, s, len).copy_(g[k++]);
+      for (size_t j = 0; j < params.size(); ++j, ++k) {
+        if (!g[k].defined()) continue;
+        if (param_grads[j].defined()) param_grads[j].add_(g[k]);
+        else param_grads[j] = g[k].to(torch::kFloat);  // summed over chunks in fp32
+      }
+    }
+    std::vector<torch::Tensor> saved{grad_rows.defined() ? grad_rows : torch::empty({0})};
+    for (auto& g : param_grads) saved.push_back(g.defined() ? g : torch::empty({0}));
+    ctx->save_for_backward(saved);
+    ctx->saved_data["has_rows"] = grad_rows.defined();
+    return torch::tensor(total, rows.options().dtype(torch::kFloat));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    auto saved = ctx->get_saved_variables();
+    const double g = grad_out[0].item<double>();  // a Scalar multiplies in fp32 even for bf16 tensors
+    variable_list result(1 + saved.size());        // holder, rows, params
+    if (ctx->saved_data["has_rows"].toBool()) result[1] = saved[0] * g;
+    for (size_t j = 1; j < saved.size(); ++j)
+      if (saved[j].numel() > 0) result[1 + j] = saved[j] * g;
+    return result;
+  }
+};
+
 // Rows of hidden [N,C] with their targets [N] (no -100), summed CE computed chunk by chunk.
-torch::Tensor chunked_ce_sum(const std::function<torch::Tensor(const torch::Tensor&)>& head,
-                             const std::vector<torch::Tensor>& params, const torch::Tensor& rows,
+torch::Tensor chunked_ce_sum(const HeadFn& head, const std::vector<torch::Tensor>& params, const torch::Tensor& rows,
                              const torch::Tensor& targets, int64_t chunk) {
+  bool needs_grad = torch::GradMode::is_enabled() && rows.requires_grad();
+  for (const auto& p : params) needs_grad |= torch::GradMode::is_enabled() && p.requires_grad();
+  // fp16 keeps recompute-in-backward: its gradients must be formed under the loss scale, which only
+  // backward knows.
+  if (needs_grad && rows.scalar_type() != torch::kHalf) {
+    auto holder = c10::make_intrusive<HeadHolder>();
+    holder->head = head;
+    holder->targets = targets;
+    holder->chunk = chunk;
+    std::vector<torch::Tensor> inputs{rows};
+    inputs.insert(inputs.end(), params.begin(), params.end());
+    return EagerGradCE::apply(holder, at::TensorList(inputs));
+  }
   torch::Tensor total = torch::zeros({}, rows.options().dtype(torch::kFloat));
   const int64_t N = rows.size(0);
   for (int64_t s = 0; s < N; s += chunk) {
     int64_t len = std::min(chunk, N - s);
     auto tgt = targets.narrow(0, s, len);
-    auto part = checkpoint(
-        [head, tgt](const std::vector<torch::Tensor>& xs) {
-          auto logits = head(xs[0]).to(torch::kFloat);
-          return torch::nn::functional::cross_entropy(
-              logits, tgt, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-        },
-        {rows.narrow(0, s, len)}, params);
+    auto part = checkpoint([head, tgt](const std::vector<torch::Tensor>& xs) { return ce_sum(head, xs[0], tgt); },
+                           {rows.narrow(0, s, len)}, params);
     total = total + part;
   }
   return total;

@@ -70,11 +70,22 @@ def make_assets(a, work):
     model_dir, demo = make_model(s, work)
     rng = random.Random(0)
     words = open(os.path.join(demo, "corpus.txt")).read().split()
-    data = os.path.join(work, "data.jsonl")
+    data = os.path.join(work, f"data-{a.steps}.jsonl")
     n = a.steps + 2
+    # Every row is one full sequence on both sides: words are added while BOS + text + EOS still
+    # fits in seq tokens (llmtune's completion format would split a longer text into several
+    # examples, transformers truncates it; either way the two sides would see different rows).
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
     with open(data, "w") as f:
-        for _ in range(n):  # ~2 tokens per word on the demo tokenizer: 2x seq words is plenty
-            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(2 * s["seq"]))}) + "\n")
+        for _ in range(n):
+            text = []
+            while True:
+                candidate = text + [rng.choice(words)]
+                if len(tok(" ".join(candidate), add_special_tokens=True).input_ids) + 1 > s["seq"]:
+                    break
+                text = candidate
+            f.write(json.dumps({"text": " ".join(text)}) + "\n")
     return model_dir, data
 
 
