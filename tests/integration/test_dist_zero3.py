@@ -4,6 +4,8 @@
 - LoRA on 2 ranks (accumulation 2) and on 4 ranks (accumulation 1) equals one process with
   accumulation 4 over the same 16-row global batch;
 - a full fine-tune on 2 ranks equals one process;
+- on 4 ranks, DDP / ZeRO-1 / ZeRO-2 (LoRA) and DDP / ZeRO-1 / ZeRO-2 / ZeRO-3 (full fine-tune) equal
+  one process too (the 2-rank cases of the lower stages are in test_dist_sft);
 - each rank keeps about 1/N of the decoder layers' parameters (the rank's log line);
 - a 2-rank checkpoint (written unsharded by rank 0) resumes on 4 ranks, and after SIGKILL of one
   rank it resumes on 1 process; both end where the uninterrupted run ends; a bf16 full fine-tune
@@ -110,6 +112,17 @@ run(["sft", rk1, "--resume", os.path.join(outk1, "checkpoint-2"), "--no-progress
 assert_close(os.path.join(out1, ADAPTER), os.path.join(outk1, ADAPTER),
              what="ZeRO-3 checkpoint of a run whose rank 1 was SIGKILLed, resumed on 1 process")
 
+# ---- 4 ranks x accumulation 1 for every stage, LoRA and full -----------------------------------------
+for stage in (0, 1, 2):
+    rs, outs = recipe(f"lora-zero{stage}-4", 1, zero_stage=stage)
+    sft(4, rs)
+    assert_close(os.path.join(out1, ADAPTER), os.path.join(outs, ADAPTER), what=f"ZeRO-{stage} LoRA, 4 ranks vs 1 process")
+for stage in (0, 1, 2, 3):
+    rs, outs = recipe(f"full-zero{stage}-4", 1, adapter=None, zero_stage=stage)
+    sft(4, rs)
+    assert_close(os.path.join(outf1, MODEL), os.path.join(outs, MODEL),
+                 what=f"ZeRO-{stage} full fine-tune, 4 ranks vs 1 process")
+
 # ---- DDP, tied embeddings, full fine-tune, gradient checkpointing ----------------------------------
 rg1, outg1 = recipe("tied-ckpt-single", 4, adapter=None, gradient_checkpointing=True, loss_chunk_tokens=32)
 sft(1, rg1)
@@ -119,4 +132,5 @@ for stage in (0, 1):
     sft(2, rg2)
     assert_close(os.path.join(outg1, MODEL), os.path.join(outg2, MODEL),
                  what=f"tied full fine-tune, gradient checkpointing, chunked loss, ZeRO-{stage}/DDP 2 ranks vs 1 process")
-print("ok: ZeRO-3 equals one process (LoRA and full, 2 and 4 ranks), resumes across world sizes; DDP tied full FT")
+print("ok: every ZeRO stage equals one process on 4 ranks (LoRA and full); ZeRO-3 on 2 ranks, resume across world "
+      "sizes; DDP tied full FT with recompute")
