@@ -44,6 +44,8 @@ METHODS = {
     "ia3": ({"adapter": "ia3", "learning_rate": 3e-2}, 0.0),
     "bitfit": ({"adapter": "bitfit", "learning_rate": 1e-2}, 0.0),
     "prompt_tuning": ({"adapter": "prompt_tuning", "num_virtual_tokens": 16, "learning_rate": 3e-2}, 0.0),
+    "prompt_tuning_text": ({"adapter": "prompt_tuning", "num_virtual_tokens": 16, "learning_rate": 3e-2,
+                            "prompt_tuning_init_text": "Answer with the last word of the quoted text:"}, 0.0),
     "prefix_tuning": ({"adapter": "prefix_tuning", "num_virtual_tokens": 16, "learning_rate": 1e-2}, 0.0),
     "bottleneck": ({"adapter": "bottleneck", "bottleneck_size": 64, "learning_rate": 2e-3}, 0.0),
     "bottleneck_identity": ({"adapter": "bottleneck", "bottleneck_size": 64, "bottleneck_activation": "identity",
@@ -141,6 +143,7 @@ for name, (keys, floor) in METHODS.items():
             failures.append(f"{name}: merged model answers differ from the adapter's")
     table.append(row)
     print(row, flush=True)
+    print("  e.g. " + "; ".join(f"{a!r} (want {r['messages'][1]['content']!r})" for a, r in zip(answers[:3], held)))
     if not losses[-1] < losses[0]:
         failures.append(f"{name}: loss did not fall ({losses[0]:.3f} -> {losses[-1]:.3f})")
     if acc < floor:
