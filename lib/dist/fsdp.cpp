@@ -10,10 +10,9 @@
 // optimizer state for its own parameters only.
 #include <ATen/CPUGeneratorImpl.h>
 
-#include <numeric>
-
 #include "core/core.h"
 #include "dist/dist.h"
+#include "dist/dist_impl.h"
 #include "model/model.h"
 
 namespace llmtune::dist {
@@ -76,33 +75,20 @@ struct ShardedLayers::Impl {
 
   // Sums every rank's gradients of the unit's trainable parameters onto their owners. `grads` is in
   // trainable-entry order; on return only this rank's own entries are defined.
-  void reduce_to_owners(Unit& u, std::vector<torch::Tensor>& grads) {
+  void reduce_unit_grads(Unit& u, std::vector<torch::Tensor>& grads) {
     torch::NoGradGuard ng;
-    std::vector<size_t> trainable;
-    for (size_t i = 0; i < u.entries.size(); ++i)
-      if (u.entries[i].trainable) trainable.push_back(i);
-    const auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(pg->device());
-    for (int r = 0; r < pg->world_size(); ++r) {
-      std::vector<torch::Tensor> parts;
-      std::vector<size_t> slots;
-      for (size_t j = 0; j < trainable.size(); ++j) {
-        const Entry& e = u.entries[trainable[j]];
-        if (e.owner != r) continue;
-        // An unused parameter still takes part, as zeros, so every rank sends the same sizes.
-        parts.push_back(grads[j].defined() ? grads[j].to(f32).reshape({-1}) : torch::zeros({e.param.numel()}, f32));
-        slots.push_back(j);
-      }
-      if (parts.empty()) continue;
-      torch::Tensor flat = torch::cat(parts);
-      pg->reduce_sum(flat, r);
-      int64_t off = 0;
-      for (size_t j : slots) {
-        const Entry& e = u.entries[trainable[j]];
-        const int64_t n = std::accumulate(e.shape.begin(), e.shape.end(), int64_t{1}, std::multiplies<>());
-        grads[j] = r == rank() ? flat.narrow(0, off, n).view(e.shape).to(e.dtype) : torch::Tensor();
-        off += n;
-      }
+    std::vector<int> owners;
+    size_t j = 0;
+    for (const auto& e : u.entries) {
+      if (!e.trainable) continue;
+      // An unused parameter still takes part, as zeros, so every rank sends the same sizes.
+      if (!grads[j].defined()) grads[j] = torch::zeros(e.shape, e.param.options());
+      owners.push_back(e.owner);
+      ++j;
     }
+    reduce_to_owners(*pg, grads, owners);
+    for (size_t k = 0; k < grads.size(); ++k)
+      if (owners[k] != rank()) grads[k] = torch::Tensor();
   }
 };
 
@@ -182,7 +168,7 @@ struct UnitFunction : public torch::autograd::Function<UnitFunction> {
       throw;
     }
     std::vector<torch::Tensor> param_grads(grads.begin() + (x.requires_grad() ? 1 : 0), grads.end());
-    impl.reduce_to_owners(u, param_grads);
+    impl.reduce_unit_grads(u, param_grads);
     impl.release(u);
 
     variable_list result(3);  // call, x, anchor (no gradient), then this rank's parameters

@@ -11,6 +11,7 @@
 #include "config/config.h"
 #include "core/core.h"
 #include "dist/dist.h"
+#include "dist/dist_impl.h"
 #include "model/model.h"
 
 namespace llmtune::dist {
@@ -36,31 +37,6 @@ std::function<double(const std::vector<torch::Tensor>&, double)> partitioned_cli
     }
     return norm;
   };
-}
-
-// Sums gradients onto their owners: for each rank r, one reduce of the flat fp32 gradients r owns.
-// `owners[i]` is the owner of grads[i], or -1 for a gradient that is already where it belongs.
-void reduce_to_owners(ProcessGroup& pg, std::vector<torch::Tensor>& grads, const std::vector<int>& owners) {
-  torch::NoGradGuard ng;
-  for (int r = 0; r < pg.world_size(); ++r) {
-    std::vector<torch::Tensor> parts;
-    std::vector<size_t> idx;
-    for (size_t i = 0; i < grads.size(); ++i)
-      if (owners[i] == r) {
-        parts.push_back(grads[i].reshape({-1}).to(torch::TensorOptions().dtype(torch::kFloat32).device(pg.device())));
-        idx.push_back(i);
-      }
-    if (parts.empty()) continue;
-    torch::Tensor flat = torch::cat(parts);
-    pg.reduce_sum(flat, r);
-    int64_t off = 0;
-    for (size_t i : idx) {
-      const int64_t k = grads[i].numel();
-      if (r == pg.rank()) grads[i].copy_(flat.narrow(0, off, k).view(grads[i].sizes()));
-      else grads[i].set_();  // freed: this rank never reads another owner's gradient
-      off += k;
-    }
-  }
 }
 
 model::TransformerImpl* find_transformer(torch::nn::Module& root) {
@@ -222,6 +198,29 @@ class C10dParallel : public train::Parallel {
 };
 
 }  // namespace
+
+void reduce_to_owners(ProcessGroup& pg, std::vector<torch::Tensor>& grads, const std::vector<int>& owners) {
+  torch::NoGradGuard ng;
+  for (int r = 0; r < pg.world_size(); ++r) {
+    std::vector<torch::Tensor> parts;
+    std::vector<size_t> idx;
+    for (size_t i = 0; i < grads.size(); ++i)
+      if (owners[i] == r) {
+        parts.push_back(grads[i].reshape({-1}).to(torch::TensorOptions().dtype(torch::kFloat32).device(pg.device())));
+        idx.push_back(i);
+      }
+    if (parts.empty()) continue;
+    torch::Tensor flat = torch::cat(parts);
+    pg.reduce_sum(flat, r);
+    int64_t off = 0;
+    for (size_t i : idx) {
+      const int64_t k = grads[i].numel();
+      if (r == pg.rank()) grads[i].copy_(flat.narrow(0, off, k).view(grads[i].sizes()));
+      else grads[i].set_();  // freed: this rank never reads another owner's gradient
+      off += k;
+    }
+  }
+}
 
 ParallelOptions parallel_options_from_recipe(const config::Recipe& r) {
   ParallelOptions o;
