@@ -2,12 +2,19 @@
 """`llmtune ppo` learns from a verifiable reward, with PPO and with GRPO (rl: grpo), on the demo model.
 
 Task ("rate"): the user says "Rate: w1 w2 w3" (random words of the demo vocabulary); the answer is
-"yes" when the last word is in the first half of the word list, else "no". A short full SFT on
-answers drawn at random (yes/no, 50/50) gives a policy that answers in the right format but is right
-only by chance; PPO/GRPO with LoRA on top of it (reference = the SFT model, adapter off) and the
-built-in exact_match reward against each record's `answer` must raise the held-out mean reward
-(greedy, prompts never seen in training, measured by llmtune before and after training) while the
-KL to the reference stays bounded. Also checks the metrics every RL step logs."""
+"yes" when the last word is in the first half of the word list, else "no". The SFT starting point is
+a short full SFT on the right answers (60 steps): it has the format and part of the rule (greedy
+held-out reward about 0.6, sampled at temperature 1 about 0.7), as an InstructGPT-style SFT model
+would. PPO and GRPO with LoRA on top of it (reference = the SFT model, adapter off) and the built-in
+exact_match reward against each record's `answer` must raise the held-out mean reward (greedy,
+prompts never seen in training, measured by llmtune before and after training) to at least 0.85,
+by at least 0.2, while the KL to the reference stays bounded; the mean rollout reward of the last
+quarter of updates must beat the first quarter's. Also checks the metrics every RL step logs.
+
+Why not from an SFT on random answers (the starting policy knows nothing of the rule): measured,
+240 updates of either method then only flip the greedy answer between "yes" and "no" for every
+prompt, and the rollout reward stays at chance (0.40-0.50); sparse binary rewards alone do not
+teach this 26-word lookup to the random demo model within a test's budget (see the README)."""
 import json
 import os
 import random
@@ -20,6 +27,7 @@ from sft_common import FIXTURES, WORDS, demo_model, metrics, run, write_jsonl, w
 
 GOOD = set(WORDS[: len(WORDS) // 2])
 KL_BOUND = 10.0  # nats per sequence (responses are ~2-3 tokens)
+STEPS = {"ppo": 120, "grpo": 80}
 
 
 def rate_rows(n, seed, exclude=()):
@@ -42,14 +50,12 @@ def main():
     sft_rows, seen = rate_rows(1500, seed=1)
     rl_rows, seen = rate_rows(600, seed=2, exclude=seen)
     held_rows, _ = rate_rows(64, seed=3, exclude=seen)
-    rng = random.Random(4)
     write_jsonl(os.path.join(work, "sft.jsonl"),
-                [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": rng.choice(["yes", "no"])}]}
-                 for q, _ in sft_rows])
+                [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in sft_rows])
     for name, rows in (("prompts.jsonl", rl_rows), ("held.jsonl", held_rows)):
         write_jsonl(os.path.join(work, name), [{"prompt": [{"role": "user", "content": q}], "answer": a} for q, a in rows])
 
-    # ---- SFT starting point: the format, not the rule -----------------------------------------------
+    # ---- SFT starting point: the format and part of the rule -------------------------------------------
     sft_out = os.path.join(work, "sft")
     t0 = time.time()
     run(["sft", write_recipe(os.path.join(work, "sft.yaml"), {
@@ -74,8 +80,8 @@ def main():
             "base_model": sft_out, "rl": rl, "chat_template": "tokenizer_default",
             "datasets": [{"path": os.path.join(work, "prompts.jsonl")}],
             "test_datasets": [{"path": os.path.join(work, "held.jsonl")}],
-            "sequence_len": 32, "micro_batch_size": 32 if rl == "ppo" else 8, "max_steps": 60,
-            "learning_rate": 3e-3, "lr_scheduler": "constant", "optimizer": "adamw_torch", "adapter": "lora",
+            "sequence_len": 32, "micro_batch_size": 32 if rl == "ppo" else 8, "max_steps": STEPS[rl],
+            "learning_rate": 1e-3, "lr_scheduler": "constant", "optimizer": "adamw_torch", "adapter": "lora",
             "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lora_target_linear": True, "output_dir": out, "logging_steps": 4,
             "eval_steps": 20, "seed": 11, "save_strategy": "no", "trl": trl,
         }
@@ -90,15 +96,21 @@ def main():
             assert all(k in l for l in train), (k, train[0])
         max_kl = max(abs(l["kl"]) for l in train)
         before, after = summary["held_out_reward_before"], summary["held_out_reward_after"]
-        results[rl] = (before, after, max_kl)
-        print(f"{rl}: {time.time() - t0:.1f}s; held-out reward {before:.3f} -> {after:.3f}; "
-              f"train reward {train[0]['reward']:.3f} -> {train[-1]['reward']:.3f}; max KL {max_kl:.3f}")
+        q = max(1, len(train) // 4)
+        first_q = sum(l["reward"] for l in train[:q]) / q
+        last_q = sum(l["reward"] for l in train[-q:]) / q
+        results[rl] = (before, after, max_kl, first_q, last_q)
+        evals = [round(l["eval_reward"], 3) for l in lines if "eval_reward" in l]
+        print(f"{rl}: {time.time() - t0:.1f}s; held-out reward {before:.3f} -> {after:.3f} (evaluations {evals}); "
+              f"rollout reward first quarter {first_q:.3f}, last quarter {last_q:.3f}; max KL {max_kl:.3f}")
         for f in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "recipe.resolved.yaml"):
             assert os.path.isfile(os.path.join(out, f)), f
         if rl == "ppo":
             assert os.path.isfile(os.path.join(out, "value_head.safetensors"))
-    for rl, (before, after, max_kl) in results.items():
-        assert after >= before + 0.15, f"{rl}: held-out reward {before:.3f} -> {after:.3f} did not rise by 0.15"
+    for rl, (before, after, max_kl, first_q, last_q) in results.items():
+        assert after >= before + 0.2 and after >= 0.85, \
+            f"{rl}: held-out reward {before:.3f} -> {after:.3f} did not rise by 0.2 to at least 0.85"
+        assert last_q > first_q, f"{rl}: rollout reward did not rise ({first_q:.3f} -> {last_q:.3f})"
         assert max_kl < KL_BOUND, f"{rl}: KL to the reference {max_kl:.3f} >= {KL_BOUND}"
     shutil.rmtree(work, ignore_errors=True)
     print("ok")
