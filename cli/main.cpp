@@ -33,7 +33,7 @@ std::vector<Command> commands() {
 int main(int argc, char** argv) {
   using namespace llmtune;
   CLI::App app{"llmtune: fine-tune Llama-family language models from the command line"};
-  app.set_version_flag("--version", std::string("llmtune ") + LLMTUNE_VERSION);
+  app.set_version_flag("--version", std::string("llmtune ") + LLMTUNE_VERSION + " (allocator: " + LLMTUNE_ALLOCATOR + ")");
   app.require_subcommand(1);
   bool quiet = false, verbose = false;
   app.add_flag("-q,--quiet", quiet, "Only print warnings and errors");

@@ -13,7 +13,7 @@ mkdir -p "$cache"
 
 debs=(build-essential cmake ninja-build ccache pkg-config libyaml-cpp-dev libcli11-dev
       libsentencepiece-dev sentencepiece nlohmann-json3-dev catch2 libfmt-dev
-      libcurl4-openssl-dev libicu-dev libcld2-0 python3-venv
+      libcurl4-openssl-dev libicu-dev libcld2-0 python3-venv libjemalloc-dev
       # public-domain corpora and quiz data for scripts/data/make_data.py (default model, quickstart, tests)
       bible-kjv jargon-text dict-devil wordnet-base bsdgames fortunes-min)
 missing=()

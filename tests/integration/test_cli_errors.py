@@ -4,10 +4,11 @@ model_type, a pickle-only checkpoint; plus --help/--version and the command tabl
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "parity"))
-from common import FIXTURES, demo_model, run  # noqa: E402
+from common import BIN, FIXTURES, demo_model, run  # noqa: E402
 
 work = os.path.join(FIXTURES, "cli-errors")
 shutil.rmtree(work, ignore_errors=True)
@@ -34,7 +35,14 @@ def copy_demo(name):
 p = run(["--help"])
 for cmd in ["generate", "eval", "inspect", "tokenize"]:
     assert cmd in p.stdout, p.stdout
-assert "llmtune" in run(["--version"]).stdout
+version = run(["--version"]).stdout
+assert "llmtune" in version, version
+# scripts/setup.sh installs libjemalloc-dev, so the build links jemalloc (CMakeLists.txt says why);
+# check that it is the allocator in use, not only named: jemalloc answers MALLOC_CONF at exit.
+assert "allocator: jemalloc" in version, version
+stats = subprocess.run([BIN, "--version"], env=dict(os.environ, MALLOC_CONF="stats_print:true"), capture_output=True,
+                       text=True, timeout=60)
+assert "jemalloc statistics" in stats.stdout + stats.stderr, "jemalloc is linked but not the active malloc"
 
 # Truncated safetensors: names the file, the tensor and what to do.
 d = copy_demo("truncated")
