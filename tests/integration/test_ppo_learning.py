@@ -4,7 +4,7 @@
 Task ("rate"): the user says "Rate: w1 w2 w3" (random words of the demo vocabulary); the answer is
 "yes" when the last word is in the first half of the word list, else "no". The SFT starting point is
 a short full SFT on the right answers (60 steps): it has the format and part of the rule (greedy
-held-out reward about 0.6, sampled at temperature 1 about 0.7), as an InstructGPT-style SFT model
+held-out reward 0.594, sampled at temperature 1 0.58-0.66), as an InstructGPT-style SFT model
 would. PPO and GRPO with LoRA on top of it (reference = the SFT model, adapter off) and the built-in
 exact_match reward against each record's `answer` must raise the held-out mean reward (greedy,
 prompts never seen in training, measured by llmtune before and after training) to at least 0.85,
