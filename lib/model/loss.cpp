@@ -1,11 +1,13 @@
 // Recompute-in-backward (checkpoint) and the chunked causal-LM loss: each chunk of tokens runs
 // lm_head + log_softmax without keeping its [N,V] logits. In training the chunk's gradients are
-// taken right away (EagerGradCE); otherwise (fp16, token log-probs) backward recomputes one chunk
-// at a time. Gradients are returned to the checkpoint inputs and the parameters passed alongside,
+// taken right away (EagerGradCE; on the CPU the loss and its logits gradient come from one fused
+// pass over each row, fused_cross_entropy.h); otherwise (fp16, token log-probs) backward
+// recomputes one chunk at a time. Gradients are returned to the checkpoint inputs and the parameters passed alongside,
 // so frozen inputs with trainable adapters (LoRA) still get their gradients.
 #include <fmt/ranges.h>
 
 #include "core/core.h"
+#include "model/fused_cross_entropy.h"
 #include "model/model.h"
 
 namespace llmtune::model {
@@ -86,10 +88,13 @@ namespace {
 
 using HeadFn = std::function<torch::Tensor(const torch::Tensor&)>;
 
-torch::Tensor ce_sum(const HeadFn& head, const torch::Tensor& rows, const torch::Tensor& targets) {
-  auto logits = head(rows).to(torch::kFloat);
-  return torch::nn::functional::cross_entropy(logits, targets,
+torch::Tensor ce_of_logits(const torch::Tensor& logits, const torch::Tensor& targets) {
+  return torch::nn::functional::cross_entropy(logits.to(torch::kFloat), targets,
                                               torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+}
+
+torch::Tensor ce_sum(const HeadFn& head, const torch::Tensor& rows, const torch::Tensor& targets) {
+  return ce_of_logits(head(rows), targets);
 }
 
 struct HeadHolder : torch::CustomClassHolder {
@@ -119,15 +124,24 @@ struct EagerGradCE : public torch::autograd::Function<EagerGradCE> {
       std::vector<torch::Tensor> wrt;
       if (rows.requires_grad()) wrt.push_back(x);
       for (const auto& p : params) wrt.push_back(p);
-      torch::Tensor loss;
       std::vector<torch::Tensor> g;
       {
         torch::AutoGradMode enable(true);
-        loss = ce_sum(h->head, x, h->targets.narrow(0, s, len));
-        g = torch::autograd::grad({loss}, wrt, {}, /*retain_graph=*/false, /*create_graph=*/false,
-                                  /*allow_unused=*/true);
+        auto logits = h->head(x);
+        auto targets = h->targets.narrow(0, s, len);
+        if (detail::fused_cross_entropy_applies(logits)) {
+          // Loss and d(loss)/d(logits) in one pass (fused_cross_entropy.h), then the head's backward.
+          auto ce = detail::cross_entropy_with_grad(logits.detach(), targets);
+          g = torch::autograd::grad({logits}, wrt, {ce.grad}, /*retain_graph=*/false, /*create_graph=*/false,
+                                    /*allow_unused=*/true);
+          total += ce.loss_sum;
+        } else {
+          auto loss = ce_of_logits(logits, targets);
+          g = torch::autograd::grad({loss}, wrt, {}, /*retain_graph=*/false, /*create_graph=*/false,
+                                    /*allow_unused=*/true);
+          total += loss.item<double>();
+        }
       }
-      total += loss.item<double>();
       size_t k = 0;
       if (rows.requires_grad()) grad_rows.narrow(0, s, len).copy_(g[k++]);
       for (size_t j = 0; j < params.size(); ++j, ++k) {
