@@ -26,7 +26,10 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const 
 // The fp32 route itself, whatever the policy (tests compare it with plain torch::linear).
 torch::Tensor linear_in_fp32(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias = {});
 
-// at::scaled_dot_product_attention with that policy (q/k/v converted; the output keeps q's dtype).
+// at::scaled_dot_product_attention with that policy (q/k/v converted; the output keeps q's dtype),
+// or, for plain causal bf16 self-attention on CPUs with native bf16 GEMMs, the blocked attention
+// of causal_attention.h. LLMTUNE_ATTENTION=auto|sdpa|blocked overrides that choice (benchmarks,
+// tests; `blocked` applies wherever the case is plain causal self-attention, any dtype).
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const std::optional<torch::Tensor>& mask, bool causal, bool gqa);
 
