@@ -5,6 +5,7 @@
 #include <fmt/ranges.h>
 
 #include "core/core.h"
+#include "model/fused_rms_norm.h"
 #include "model/half_compute.h"
 #include "model/model.h"
 
@@ -29,6 +30,8 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, torch::TensorOptions o) : eps
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  // The same formula in one pass per row on the CPU (fused_rms_norm.h); below, as LibTorch ops.
+  if (detail::fused_rms_norm_applies(x, weight)) return detail::fused_rms_norm(x, weight, eps);
   auto in_dtype = x.scalar_type();
   auto h = x.to(torch::kFloat);
   auto var = h.pow(2).mean(-1, /*keepdim=*/true);
@@ -288,6 +291,16 @@ LayerInputs TransformerImpl::prepare(int64_t B, int64_t T, torch::Device dev, to
     key_valid = P > 0 ? torch::cat({old, nm}, 1) : nm;
   }
   *new_key_mask = new_mask.defined() ? new_mask : torch::ones({B, T}, bopt);
+  if (opts.segment_ids && P > 0) fail("segment_ids cannot be combined with a non-empty KV cache");
+  if (opts.segment_ids && (opts.segment_ids->size(0) != B || opts.segment_ids->size(1) != T))
+    fail("segment_ids must have shape [{}, {}], got {}", B, T, opts.segment_ids->sizes());
+  // The batcher gives every row segment ids; an unpacked, unpadded row holds one id throughout,
+  // and then the ids change nothing: positions and masks stay on the plain causal path.
+  torch::Tensor segments;
+  if (opts.segment_ids && T > 1) {
+    auto seg = opts.segment_ids->to(dev);
+    if (!(seg == seg.narrow(1, 0, 1)).all().item<bool>()) segments = seg;
+  }
 
   // Positions: explicit; else from the (cache + new) padding mask like HF generate(); else restart per
   // segment; else P + arange(T).
@@ -299,8 +312,8 @@ LayerInputs TransformerImpl::prepare(int64_t B, int64_t T, torch::Device dev, to
   } else if (key_valid.defined()) {
     auto kv = key_valid.to(torch::kLong);
     pos = (kv.cumsum(-1) - 1).masked_fill(kv == 0, 1).narrow(1, P, T);
-  } else if (opts.segment_ids) {
-    auto seg = opts.segment_ids->to(dev);
+  } else if (segments.defined()) {
+    const auto& seg = segments;
     auto idx = torch::arange(T, lopt).unsqueeze(0).expand({B, T});
     auto boundary = torch::ones({B, T}, bopt);
     if (T > 1) boundary.narrow(1, 1, T - 1).copy_(seg.narrow(1, 1, T - 1) != seg.narrow(1, 0, T - 1));
@@ -332,10 +345,7 @@ LayerInputs TransformerImpl::prepare(int64_t B, int64_t T, torch::Device dev, to
   const bool any_sliding = config_.sliding_window.has_value() &&
                            std::any_of(config_.layer_sliding.begin(), config_.layer_sliding.end(), [](bool b) { return b; });
   const bool window_matters = any_sliding && Tk > *config_.sliding_window;
-  if (opts.segment_ids && P > 0) fail("segment_ids cannot be combined with a non-empty KV cache");
-  if (opts.segment_ids && (opts.segment_ids->size(0) != B || opts.segment_ids->size(1) != T))
-    fail("segment_ids must have shape [{}, {}], got {}", B, T, opts.segment_ids->sizes());
-  const bool simple = !key_valid.defined() && !opts.segment_ids;
+  const bool simple = !key_valid.defined() && !segments.defined();
   if (simple && P == 0 && !window_matters) {
     in.causal_full = in.causal_sliding = true;  // SDPA's own causal path
     return in;
@@ -345,8 +355,8 @@ LayerInputs TransformerImpl::prepare(int64_t B, int64_t T, torch::Device dev, to
   auto k_idx = torch::arange(Tk, lopt).unsqueeze(0);       // [1,Tk]
   auto base = (k_idx <= q_idx).unsqueeze(0);               // [1,T,Tk]
   if (key_valid.defined()) base = base & key_valid.unsqueeze(1);
-  if (opts.segment_ids) {
-    auto seg = opts.segment_ids->to(dev);
+  if (segments.defined()) {
+    const auto& seg = segments;
     base = base & (seg.unsqueeze(2) == seg.unsqueeze(1));
   }
   // A padded query would see no key at all (NaN in SDPA); let it see itself. Its output is unused.
