@@ -50,9 +50,11 @@ torch::Tensor LoraLinearImpl::forward(const torch::Tensor& x) {
     // backward); gradients reach the fp32 weights through the casts. Evaluation and generation
     // keep the fp32 path below (PEFT's numerics). Where half products are slow (no native bf16),
     // the fp32 path is the faster one anyway.
+    // The scaling goes into the thin B ([out, r]) rather than onto the [tokens, out] product, which
+    // saves a pass over that product in backward.
     auto h = dropout > 0 ? torch::dropout(x, dropout, true) : x;
-    auto delta = torch::linear(torch::linear(h, lora_A->weight.to(act)), lora_B->weight.to(act));
-    return y.add(delta, scaling);
+    auto delta = torch::linear(torch::linear(h, lora_A->weight.to(act)), (lora_B->weight * scaling).to(act));
+    return y.add(delta);
   }
   auto h = x.to(lora_A->weight.scalar_type());
   if (dropout > 0 && is_training()) h = torch::dropout(h, dropout, true);

@@ -70,9 +70,14 @@ AdamW::AdamW(std::vector<ParamGroup> groups, double beta1, double beta2, double 
 void AdamW::step(double base_lr) {
   torch::NoGradGuard no_grad;
   for (const auto& g : groups_) {
-    const double lr = base_lr * g.lr_scale;
+    // One fused multi-tensor update per group (LibTorch's _fused_adamw_, the kernel behind
+    // torch.optim.AdamW(fused=True)): a LoRA model has hundreds of small tensors, where the
+    // per-tensor update (eight ops each) cost more in dispatch than in arithmetic. Same formula:
+    // p *= 1 - lr·wd; m = lerp(m, g, 1 - β1); v = β2·v + (1 - β2)·g²;
+    // p -= lr / (1 - β1^t) · m / (sqrt(v) / sqrt(1 - β2^t) + eps).
+    std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
     for (size_t i = 0; i < g.params.size(); ++i) {
-      torch::Tensor p = g.params[i];
+      const torch::Tensor& p = g.params[i];
       const torch::Tensor& grad = p.grad();
       if (!grad.defined()) continue;
       State& s = state_[g.names[i]];
@@ -81,14 +86,15 @@ void AdamW::step(double base_lr) {
         s.exp_avg_sq = torch::zeros_like(p, torch::MemoryFormat::Preserve);
       }
       s.step += 1;
-      if (g.weight_decay != 0) p.mul_(1 - lr * g.weight_decay);  // decoupled: before the moment update
-      s.exp_avg.mul_(beta1_).add_(grad, 1 - beta1_);
-      s.exp_avg_sq.mul_(beta2_).addcmul_(grad, grad, 1 - beta2_);
-      const double bc1 = 1 - std::pow(beta1_, static_cast<double>(s.step));
-      const double bc2 = 1 - std::pow(beta2_, static_cast<double>(s.step));
-      torch::Tensor denom = (s.exp_avg_sq.sqrt() / std::sqrt(bc2)).add_(eps_);
-      p.addcdiv_(s.exp_avg, denom, -lr / bc1);
+      params.push_back(p);
+      grads.push_back(grad);
+      exp_avgs.push_back(s.exp_avg);
+      exp_avg_sqs.push_back(s.exp_avg_sq);
+      steps.push_back(torch::full({}, static_cast<double>(s.step), torch::TensorOptions().dtype(torch::kFloat)));
     }
+    if (params.empty()) continue;
+    at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, steps, base_lr * g.lr_scale, beta1_,
+                      beta2_, g.weight_decay, eps_, /*amsgrad=*/false, /*maximize=*/false);
   }
 }
 
