@@ -12,6 +12,8 @@ so load from other processes on this shared machine hits both sides alike.
   python scripts/bench/sft.py --bin build/llmtune [--steps 10] [--threads 2] [--repeats 3] [--small]
   python scripts/bench/sft.py --chunk-sweep [--micro-batch 4]   # llmtune only: peak RSS vs loss_chunk_tokens
 --small: 2 layers, H 64, 4/2 heads, I 128, vocab 1024, seq 64 (a smoke run).
+--with-sdpa: also run llmtune with LLMTUNE_ATTENTION=sdpa (LibTorch's flash attention instead of llmtune's
+blocked causal attention), to show what the latter buys on CPUs with native bf16.
 --with-native: also run llmtune with LLMTUNE_HALF_MATMUL=native (LibTorch's own bf16 GEMMs), to show
 what computing bf16 products in fp32 buys on a CPU without AVX512_BF16/AMX (README: "Half-precision
 products on the CPU"). The header line says whether this CPU has native bf16.
@@ -123,7 +125,7 @@ def hf_worker(a, model_dir, data):
                       "peak_rss_bytes": rss, "last_loss": float(loss)}))
 
 
-def llmtune_run(a, model_dir, data, work, loss_chunk=None, half_matmul=None):
+def llmtune_run(a, model_dir, data, work, loss_chunk=None, extra_env=None):
     h = hp(a)
     out = os.path.join(work, "llmtune-out")
     shutil.rmtree(out, ignore_errors=True)
@@ -141,8 +143,7 @@ def llmtune_run(a, model_dir, data, work, loss_chunk=None, half_matmul=None):
     rpath = os.path.join(work, "bench.yaml")
     json.dump(recipe, open(rpath, "w"))
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
-    if half_matmul:
-        env["LLMTUNE_HALF_MATMUL"] = half_matmul
+    env.update(extra_env or {})
     t0 = time.time()
     p = subprocess.run(["/usr/bin/time", "-f", "%M", a.bin, "sft", rpath, "--no-progress"], capture_output=True,
                        text=True, env=env)
@@ -171,6 +172,8 @@ def main():
     ap.add_argument("--work", default=os.path.join(os.environ.get("LLMTUNE_CACHE", os.path.expanduser("~/.cache/llmtune")),
                                                   "bench-sft"))
     ap.add_argument("--with-native", action="store_true", help="also run llmtune with LLMTUNE_HALF_MATMUL=native")
+    ap.add_argument("--with-sdpa", action="store_true",
+                    help="also run llmtune with LLMTUNE_ATTENTION=sdpa (LibTorch's flash attention)")
     ap.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     work = os.path.join(a.work, "small" if a.small else f"smollm-{a.seq}")
@@ -193,10 +196,16 @@ def main():
     runs = {"llmtune": [], "transformers+peft": []}
     if a.with_native:
         runs["llmtune (native bf16)"] = []
+    if a.with_sdpa:
+        runs["llmtune (sdpa attention)"] = []
     for _ in range(a.repeats):
         runs["llmtune"].append(llmtune_run(a, model_dir, data, work))
         if a.with_native:
-            runs["llmtune (native bf16)"].append(llmtune_run(a, model_dir, data, work, half_matmul="native"))
+            runs["llmtune (native bf16)"].append(
+                llmtune_run(a, model_dir, data, work, extra_env={"LLMTUNE_HALF_MATMUL": "native"}))
+        if a.with_sdpa:
+            runs["llmtune (sdpa attention)"].append(
+                llmtune_run(a, model_dir, data, work, extra_env={"LLMTUNE_ATTENTION": "sdpa"}))
         p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
         if p.returncode != 0:
             sys.exit(f"transformers worker failed:\n{p.stderr[-3000:]}")
