@@ -21,28 +21,10 @@ using namespace vector_math;
 // in one pass over data that stays in L1. `buffer` holds `len` floats.
 template <typename Out>
 LLMTUNE_ALWAYS_INLINE void softmax_row(const float* s, int64_t valid, int64_t len, float* buffer, Out* out) {
-  const int64_t vec_end = valid - valid % kLanes;
-  f32v m = splat(-std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < vec_end; j += kLanes) {
-    const f32v v = load(s + j);
-    m = v > m ? v : m;
-  }
-  float max = horizontal_max(m);
-  for (int64_t j = vec_end; j < valid; ++j) max = s[j] > max ? s[j] : max;
-  f32v sum_v = splat(0.0f);
-  for (int64_t j = 0; j < vec_end; j += kLanes) {
-    const f32v e = exp_nonpositive(load(s + j) - max);  // a masked -inf score gives 0
-    store(buffer + j, e);
-    sum_v += e;
-  }
-  float sum = horizontal_sum(sum_v);
-  for (int64_t j = vec_end; j < valid; ++j) {
-    buffer[j] = std::exp(s[j] - max);
-    sum += buffer[j];
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t j = 0; j < vec_end; j += kLanes) store(out + j, load(buffer + j) * inv);
-  for (int64_t j = vec_end; j < valid; ++j) out[j] = from_float<Out>(buffer[j] * inv);
+  bool finite;  // unused: a masked score is -inf
+  const float max = row_max(s, valid, &finite);
+  const float sum = exp_into(s, valid, max, buffer);
+  scale_into(buffer, valid, 1.0f / sum, out);
   for (int64_t j = valid; j < len; ++j) out[j] = from_float<Out>(0.0f);
 }
 

@@ -26,41 +26,16 @@ using namespace vector_math;
 // 192 KiB, which stays in L2).
 template <typename T>
 LLMTUNE_ALWAYS_INLINE double cross_entropy_row(const T* x, int64_t V, int64_t target, float* buffer, T* grad) {
-  const int64_t vec_end = V - V % kLanes;
-  // Pass 1: the maximum; x - x is 0 for finite x and NaN otherwise, so `finite` stays 0 or turns NaN.
-  f32v m = splat(-std::numeric_limits<float>::infinity()), finite = splat(0.0f);
-  for (int64_t j = 0; j < vec_end; j += kLanes) {
-    const f32v v = load(x + j);
-    m = v > m ? v : m;
-    finite += v - v;
-  }
-  float max = horizontal_max(m), finite_sum = horizontal_sum(finite);
-  for (int64_t j = vec_end; j < V; ++j) {
-    const float v = to_float(x[j]);
-    max = v > max ? v : max;
-    finite_sum += v - v;
-  }
-  if (finite_sum != 0.0f || std::isnan(finite_sum) || V == 0) {
+  bool finite;
+  const float max = row_max(x, V, &finite);
+  if (!finite || V == 0) {
     const T nan = from_float<T>(std::numeric_limits<float>::quiet_NaN());
     for (int64_t j = 0; j < V; ++j) grad[j] = nan;
     return std::numeric_limits<double>::quiet_NaN();
   }
-  // Pass 2: e^(x - max) into the buffer, and their sum.
-  f32v s = splat(0.0f);
-  for (int64_t j = 0; j < vec_end; j += kLanes) {
-    const f32v e = exp_nonpositive(load(x + j) - max);
-    store(buffer + j, e);
-    s += e;
-  }
-  float sum = horizontal_sum(s);
-  for (int64_t j = vec_end; j < V; ++j) {
-    buffer[j] = std::exp(to_float(x[j]) - max);
-    sum += buffer[j];
-  }
-  // Pass 3: the probabilities, in the logits' dtype.
+  const float sum = exp_into(x, V, max, buffer);  // e^(x - max), kept for the probabilities
   const float inv = 1.0f / sum;
-  for (int64_t j = 0; j < vec_end; j += kLanes) store(grad + j, load(buffer + j) * inv);
-  for (int64_t j = vec_end; j < V; ++j) grad[j] = from_float<T>(buffer[j] * inv);
+  scale_into(buffer, V, inv, grad);
   grad[target] = from_float<T>(buffer[target] * inv - 1.0f);
   return static_cast<double>(max) + std::log(static_cast<double>(sum)) - static_cast<double>(to_float(x[target]));
 }

@@ -130,4 +130,53 @@ LLMTUNE_ALWAYS_INLINE float horizontal_sum(const f32v& v) {
   return s;
 }
 
+// Row helpers for softmax-like kernels (a row of a few hundred to ~50k values).
+
+// The largest of x[0, n) (-inf for n = 0). `finite` is set to whether every value is finite:
+// x - x is 0 for finite x and NaN otherwise.
+template <typename T>
+LLMTUNE_ALWAYS_INLINE float row_max(const T* x, int64_t n, bool* finite) {
+  const int64_t vec_end = n - n % kLanes;
+  f32v m = splat(-__builtin_inff()), zero_if_finite = splat(0.0f);
+  for (int64_t j = 0; j < vec_end; j += kLanes) {
+    const f32v v = load(x + j);
+    m = v > m ? v : m;
+    zero_if_finite += v - v;
+  }
+  float max = horizontal_max(m), check = horizontal_sum(zero_if_finite);
+  for (int64_t j = vec_end; j < n; ++j) {
+    const float v = to_float(x[j]);
+    max = v > max ? v : max;
+    check += v - v;
+  }
+  *finite = check == 0.0f;  // false for NaN too
+  return max;
+}
+
+// buffer[j] = e^(x[j] - max) for j < n (max >= every x[j]; a -inf x[j] gives 0); returns their sum.
+template <typename T>
+LLMTUNE_ALWAYS_INLINE float exp_into(const T* x, int64_t n, float max, float* buffer) {
+  const int64_t vec_end = n - n % kLanes;
+  f32v sum_v = splat(0.0f);
+  for (int64_t j = 0; j < vec_end; j += kLanes) {
+    const f32v e = exp_nonpositive(load(x + j) - max);
+    store(buffer + j, e);
+    sum_v += e;
+  }
+  float sum = horizontal_sum(sum_v);
+  for (int64_t j = vec_end; j < n; ++j) {
+    buffer[j] = __builtin_expf(to_float(x[j]) - max);
+    sum += buffer[j];
+  }
+  return sum;
+}
+
+// out[j] = buffer[j] · scale for j < n, rounded to out's dtype.
+template <typename T>
+LLMTUNE_ALWAYS_INLINE void scale_into(const float* buffer, int64_t n, float scale, T* out) {
+  const int64_t vec_end = n - n % kLanes;
+  for (int64_t j = 0; j < vec_end; j += kLanes) store(out + j, load(buffer + j) * scale);
+  for (int64_t j = vec_end; j < n; ++j) out[j] = from_float<T>(buffer[j] * scale);
+}
+
 }  // namespace llmtune::model::detail::vector_math
