@@ -182,7 +182,7 @@ torch::Tensor blocked_causal_attention(const torch::Tensor& q, const torch::Tens
                 "blocked attention: the mask must be bool [B, 1, T, T], got ", allowed->sizes());
     mask = allowed->expand({q.size(0), 1, q.size(2), q.size(2)});
   }
-  if (q.requires_grad() || k.requires_grad() || v.requires_grad())
+  if (torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad()))
     return BlockedCausalAttention::apply(q, k, v, mask);
   // No gradient wanted: the same forward without an autograd node or kept probabilities.
   torch::NoGradGuard no_grad;

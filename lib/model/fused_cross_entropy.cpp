@@ -81,13 +81,6 @@ void run_rows(const std::string& isa, const torch::Tensor& logits, const torch::
 
 }  // namespace
 
-std::vector<std::string> fused_cross_entropy_isas() {
-  std::vector<std::string> out;
-  for (const char* isa : {"avx512", "avx2", "generic"})
-    if (cpu_runs(isa)) out.push_back(isa);
-  return out;
-}
-
 bool fused_cross_entropy_applies(const torch::Tensor& logits) {
   return logits.device().is_cpu() && logits.dim() == 2 &&
          (logits.scalar_type() == torch::kFloat || logits.scalar_type() == torch::kBFloat16);

@@ -24,15 +24,12 @@ struct CrossEntropyWithGrad {
 };
 
 // logits [n, V] (fp32 or bf16, CPU), targets [n] int64 in [0, V). `isa` picks the vector code:
-// "auto" (the widest this CPU runs), "avx512", "avx2" or "generic" (tests compare them).
+// "auto" (the widest this CPU runs), "avx512", "avx2" or "generic" (vector_math::available_isas).
 CrossEntropyWithGrad cross_entropy_with_grad(const torch::Tensor& logits, const torch::Tensor& targets,
                                              const std::string& isa = "auto");
 
 // Whether cross_entropy_with_grad computes these logits (CPU, fp32/bf16); otherwise callers use
 // LibTorch's cross-entropy.
 bool fused_cross_entropy_applies(const torch::Tensor& logits);
-
-// The vector code paths this CPU can run, widest first ("avx512", "avx2", "generic").
-std::vector<std::string> fused_cross_entropy_isas();
 
 }  // namespace llmtune::model::detail

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 // The 64-byte vector types only pass between always-inline functions, so GCC's note that their
 // calling convention differs with and without AVX-512 does not apply.
@@ -32,6 +33,14 @@ inline bool cpu_runs(const std::string& isa) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   return false;
+}
+
+// The code paths this CPU runs, widest first ("avx512", "avx2", "generic"; tests run each).
+inline std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (const char* isa : {"avx512", "avx2", "generic"})
+    if (cpu_runs(isa)) out.push_back(isa);
+  return out;
 }
 
 // The widest code path this CPU runs.

@@ -36,6 +36,11 @@ inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kFloat) - b.to(torch::kFloat)).abs().max().item<double>();
 }
 
+// Largest absolute difference relative to the largest magnitude of the reference b.
+inline double max_rel(const torch::Tensor& a, const torch::Tensor& b) {
+  return max_abs_diff(a, b) / std::max(1e-12, b.to(torch::kFloat).abs().max().item<double>());
+}
+
 inline std::vector<int64_t> to_vec(const torch::Tensor& t) {
   auto c = t.to(torch::kLong).contiguous().reshape({-1});
   return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());

@@ -4,16 +4,15 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include "model_test_util.h"
+
 #include "model/causal_attention.h"
 
 using namespace llmtune;
+using model_test::max_rel;
 
 namespace {
 
-double max_rel(const torch::Tensor& a, const torch::Tensor& b) {
-  auto d = (a.to(torch::kFloat) - b.to(torch::kFloat)).abs().max().item<double>();
-  return d / std::max(1e-12, b.to(torch::kFloat).abs().max().item<double>());
-}
 
 struct Result {
   torch::Tensor out, dq, dk, dv;
@@ -30,6 +29,14 @@ Result run(F attend, const torch::Tensor& q, const torch::Tensor& k, const torch
   out.backward(up.to(dtype));
   return {out.detach().to(torch::kFloat), qd.grad().to(torch::kFloat), kd.grad().to(torch::kFloat),
           vd.grad().to(torch::kFloat)};
+}
+
+// Outputs and q/k/v gradients of two fp32 runs within 1e-5 of the reference's largest value.
+void check_equal_in_fp32(const Result& got, const Result& ref) {
+  CHECK(max_rel(got.out, ref.out) < 1e-5);
+  CHECK(max_rel(got.dq, ref.dq) < 1e-5);
+  CHECK(max_rel(got.dk, ref.dk) < 1e-5);
+  CHECK(max_rel(got.dv, ref.dv) < 1e-5);
 }
 
 torch::Tensor sdpa(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
@@ -56,10 +63,7 @@ TEST_CASE("blocked causal attention equals SDPA in fp32, gradients included", "[
     auto ref = run(sdpa, q, k, v, up, torch::kFloat);
     auto got = run(blocked, q, k, v, up, torch::kFloat);
     // fp32 throughout; only the order of summation differs.
-    CHECK(max_rel(got.out, ref.out) < 1e-5);
-    CHECK(max_rel(got.dq, ref.dq) < 1e-5);
-    CHECK(max_rel(got.dk, ref.dk) < 1e-5);
-    CHECK(max_rel(got.dv, ref.dv) < 1e-5);
+    check_equal_in_fp32(got, ref);
   }
 }
 
@@ -114,10 +118,7 @@ TEST_CASE("blocked attention with a mask equals SDPA with the same mask (padding
   };
   auto ref = run(sdpa_masked, q, k, v, up, torch::kFloat);
   auto got = run(blocked_masked, q, k, v, up, torch::kFloat);
-  CHECK(max_rel(got.out, ref.out) < 1e-5);
-  CHECK(max_rel(got.dq, ref.dq) < 1e-5);
-  CHECK(max_rel(got.dk, ref.dk) < 1e-5);
-  CHECK(max_rel(got.dv, ref.dv) < 1e-5);
+  check_equal_in_fp32(got, ref);
   // A mask shared by the batch ([1, 1, T, T]) broadcasts.
   auto shared = causal.unsqueeze(0).unsqueeze(0);
   auto a = model::detail::blocked_causal_attention(q, k, v, shared);

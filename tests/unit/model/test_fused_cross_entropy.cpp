@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "model/fused_cross_entropy.h"
+#include "model/vector_math.h"
 
 using namespace llmtune;
 
@@ -35,7 +36,7 @@ double max_abs(const torch::Tensor& a, const torch::Tensor& b) {
 }  // namespace
 
 TEST_CASE("fused cross-entropy equals LibTorch's loss and logits gradient", "[model][loss][fused]") {
-  const auto isas = model::detail::fused_cross_entropy_isas();
+  const auto isas = model::detail::vector_math::available_isas();
   REQUIRE(isas.back() == "generic");
   torch::manual_seed(21);
   // V = 1000 leaves a tail of 8 after the 16-wide vectors; V = 16 has none; V = 5 is all tail.
@@ -70,7 +71,7 @@ TEST_CASE("fused cross-entropy code paths agree with each other", "[model][loss]
   auto x = (torch::randn({16, 49152 / 16}) * 4).to(torch::kBFloat16);
   auto targets = torch::randint(0, x.size(1), {16});
   auto generic = model::detail::cross_entropy_with_grad(x, targets, "generic");
-  for (const auto& isa : model::detail::fused_cross_entropy_isas()) {
+  for (const auto& isa : model::detail::vector_math::available_isas()) {
     INFO(isa);
     auto got = model::detail::cross_entropy_with_grad(x, targets, isa);
     CHECK(got.loss_sum == Approx(generic.loss_sum).epsilon(1e-7));
@@ -83,7 +84,7 @@ TEST_CASE("fused cross-entropy: non-finite logits and bad targets", "[model][los
   auto x = torch::randn({3, 40});
   x[1][7] = std::numeric_limits<float>::quiet_NaN();
   auto targets = torch::tensor({1, 2, 3});
-  for (const auto& isa : model::detail::fused_cross_entropy_isas()) {
+  for (const auto& isa : model::detail::vector_math::available_isas()) {
     INFO(isa);
     auto got = model::detail::cross_entropy_with_grad(x, targets, isa);
     CHECK(std::isnan(got.loss_sum));  // the trainer's NaN guard sees it

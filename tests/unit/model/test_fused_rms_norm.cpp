@@ -3,10 +3,13 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include "model_test_util.h"
+
 #include "model/fused_rms_norm.h"
 #include "model/vector_math.h"
 
 using namespace llmtune;
+using model_test::max_rel;
 
 namespace {
 
@@ -17,18 +20,12 @@ torch::Tensor reference_rms_norm(const torch::Tensor& x, const torch::Tensor& w,
   return w * h.to(x.scalar_type());
 }
 
-double max_rel(const torch::Tensor& a, const torch::Tensor& b) {
-  auto d = (a.to(torch::kFloat) - b.to(torch::kFloat)).abs().max().item<double>();
-  return d / std::max(1e-12, b.to(torch::kFloat).abs().max().item<double>());
-}
 
 }  // namespace
 
 TEST_CASE("fused RMSNorm equals LlamaRMSNorm's ops, gradients included", "[model][rmsnorm][fused]") {
   torch::manual_seed(31);
-  std::vector<std::string> isas;
-  for (const char* isa : {"avx512", "avx2", "generic"})
-    if (model::detail::vector_math::cpu_runs(isa)) isas.push_back(isa);
+  const auto isas = model::detail::vector_math::available_isas();
   // C = 576 (SmolLM, 36 vectors), 72 (a tail of 8), 5 (all tail); a [2, 3, C] input.
   for (int64_t C : {576, 72, 5}) {
     for (auto dtype : {torch::kFloat, torch::kBFloat16}) {

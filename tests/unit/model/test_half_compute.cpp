@@ -4,18 +4,12 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include "model_test_util.h"
+
 #include "model/half_compute.h"
 
 using namespace llmtune;
-
-namespace {
-
-double max_rel(const torch::Tensor& a, const torch::Tensor& b) {
-  auto d = (a.to(torch::kFloat) - b.to(torch::kFloat)).abs().max().item<double>();
-  return d / std::max(1e-12, b.to(torch::kFloat).abs().max().item<double>());
-}
-
-}  // namespace
+using model_test::max_rel;
 
 TEST_CASE("half products through fp32 equal an fp32 reference, gradients included", "[model][half]") {
   torch::manual_seed(3);
